@@ -1,0 +1,53 @@
+"""SCOPE: Saliency-Coverage Oriented token Pruning for multimodal LLMs (NeurIPS 2025), reproduced.
+
+One-call API::
+
+    import scope
+    kept = scope.select(features, saliency, budget=64)            # plain tensors -> kept indices
+    model, processor = scope.load(method="scope", budget=64)      # embedded MiniLLaVA, pruned
+    scope.patch(hf_llava_model, method="scope", budget=64)        # any transformers LLaVA / LLaVA-NeXT
+
+The selection library is imported at once; other submodules load on first use. ``scope.select``,
+``scope.patch`` and ``scope.load`` name both a module and the function it defines: the package attribute
+is always the function (import the module as ``from scope.select import ...``).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .coverage import coverage_gain, set_coverage, theta_coverage
+from .select import METHODS, Pruned, prune, scope_greedy_fast, scope_greedy_reference, select
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    "select": "scope.select",
+    "prune": "scope.select",
+    "METHODS": "scope.select",
+    "Pruned": "scope.select",
+    "scope_greedy_reference": "scope.select",
+    "scope_greedy_fast": "scope.select",
+    "set_coverage": "scope.coverage",
+    "theta_coverage": "scope.coverage",
+    "coverage_gain": "scope.coverage",
+    "patch": "scope.patch",
+    "unpatch": "scope.patch",
+    "load": "scope.load",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        module = importlib.import_module(_EXPORTS[name])
+        value = getattr(module, name)
+        globals()[name] = value  # also undoes the import system binding the submodule under this name
+        return value
+    raise AttributeError(f"module 'scope' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

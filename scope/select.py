@@ -1,0 +1,488 @@
+"""Visual-token selection on plain tensors: SCOPE and the pre-LLM baselines it is compared with.
+
+Everything here takes features ``[B, N, d]`` (or ``[N, d]``) and, where a method needs it, a saliency
+``[B, N]`` (or ``[N]``), and returns the indices of the ``K`` kept tokens in ascending (raster) order.
+No model code lives here; see :mod:`scope.patch` for the LLaVA integration.
+
+SCOPE (Deng et al., NeurIPS 2025) greedily maximises facility-location coverage weighted by saliency::
+
+    S_uv  = cos(f_u, f_v)                      # token similarity
+    c_u   = max_{t in T} S_ut  (0 for T = {})  # how well token u is already covered
+    gain  = sum_u max(0, S_uv - c_u)           # coverage gain of adding v
+    score = gain * a_v ** alpha                # (or gain + a_v ** alpha with combine="add")
+
+Two implementations pick the same tokens: :func:`scope_greedy_reference` mirrors Algorithm 1 line by line
+(O(K N^2)); :func:`scope_greedy_fast` is a batched *lazy* greedy. Facility-location gains only shrink as
+the covered set grows and the saliency factor is fixed, so a stale score is an upper bound of the current
+one; each step rescores only the few candidates whose bound could still win.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "METHODS",
+    "Pruned",
+    "prune",
+    "select",
+    "cosine_similarity_matrix",
+    "scope_greedy_reference",
+    "scope_greedy_fast",
+]
+
+
+class Pruned(NamedTuple):
+    """What enters the projector after pruning.
+
+    indices: ``LongTensor[B, K]``, ascending: which of the N tokens the output rows stand for.
+    features: ``Tensor[B, K, d]``, in the order of ``indices``. For selection methods this is a gather of
+        the kept rows; for VisionZip the contextual rows are merged features.
+    """
+
+    indices: torch.Tensor
+    features: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------------------
+# input checks
+# --------------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # half precision loses the small gain differences the greedy compares: compute in fp32 (fp64 stays)
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_finite(name: str, x: torch.Tensor) -> None:
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} contains NaN or inf (first at index {where}, value {x[where].item()})")
+
+
+def _prepare(
+    features: torch.Tensor, saliency: torch.Tensor | None, budget: int
+) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """Validate and batch the inputs. Returns (features [B,N,d] fp32/64, saliency [B,N] or None, unbatched)."""
+    if not isinstance(features, torch.Tensor):
+        raise ValueError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if features.dim() not in (2, 3):
+        raise ValueError(f"features must be [N, d] or [B, N, d], got shape {tuple(features.shape)}")
+    if not features.is_floating_point():
+        raise ValueError(f"features must be floating point, got dtype {features.dtype}")
+    unbatched = features.dim() == 2
+    feats = features.unsqueeze(0) if unbatched else features
+    B, N, _ = feats.shape
+    if N == 0:
+        raise ValueError("features has no tokens (N = 0)")
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        if isinstance(budget, float) and budget.is_integer():
+            budget = int(budget)
+        else:
+            raise ValueError(f"budget must be an int, got {budget!r}")
+    if budget <= 0 or budget > N:
+        raise ValueError(f"budget must be in [1, N={N}], got budget={budget}")
+    _check_finite("features", feats)
+    sal = None
+    if saliency is not None:
+        if not isinstance(saliency, torch.Tensor):
+            raise ValueError(f"saliency must be a torch.Tensor or None, got {type(saliency).__name__}")
+        sal = saliency.unsqueeze(0) if saliency.dim() == 1 else saliency
+        if tuple(sal.shape) != (B, N):
+            raise ValueError(
+                f"saliency shape {tuple(saliency.shape)} does not match features shape "
+                f"{tuple(features.shape)} (expected {(N,) if unbatched else (B, N)})"
+            )
+        _check_finite("saliency", sal)
+        sal = sal.to(device=feats.device, dtype=_compute_dtype(feats.dtype))
+    return feats.to(_compute_dtype(feats.dtype)), sal, unbatched
+
+
+def _need_saliency(method: str, saliency: torch.Tensor | None) -> torch.Tensor:
+    if saliency is None:
+        raise ValueError(f"method={method!r} needs a saliency tensor (CLS attention), got saliency=None")
+    return saliency
+
+
+def _powered_saliency(saliency: torch.Tensor, alpha: float) -> torch.Tensor:
+    if alpha != 0 and bool((saliency < 0).any()):
+        raise ValueError(
+            f"saliency must be non-negative for saliency ** alpha (alpha={alpha}), min value is "
+            f"{saliency.min().item()}"
+        )
+    return saliency.pow(alpha)
+
+
+# --------------------------------------------------------------------------------------------------------
+# SCOPE
+# --------------------------------------------------------------------------------------------------------
+
+
+def cosine_similarity_matrix(features: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity ``[..., N, N]`` of the rows of ``features [..., N, d]``.
+
+    Zero-norm rows get similarity 0 to everything (no NaN). A matrix product need not be symmetric to the
+    last bit, so both greedy implementations read rows only: the gain of v sums ``S[v, u]`` over u.
+    """
+    unit = F.normalize(features, dim=-1, eps=1e-12)
+    return unit @ unit.transpose(-1, -2)
+
+
+def _row_gains(rows: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+    """Coverage gain of each candidate v given its similarity row S[v, :]: sum_u max(0, S_vu - c_u).
+
+    Both SCOPE implementations go through this one function so that they add the same numbers in the
+    same order.
+    """
+    return (rows - cover.unsqueeze(-2)).clamp_(min=0).sum(-1)
+
+
+def _combine(gain: torch.Tensor, weight: torch.Tensor, combine: str) -> torch.Tensor:
+    return gain * weight if combine == "mul" else gain + weight
+
+
+def _scope_weight(saliency, shape, like, alpha, combine):
+    if combine not in ("mul", "add"):
+        raise ValueError(f"combine must be 'mul' or 'add', got {combine!r}")
+    if alpha == 0 or saliency is None:
+        if saliency is None and alpha != 0:
+            raise ValueError(f"SCOPE with alpha={alpha} needs saliency; pass saliency or use alpha=0")
+        return torch.ones(shape, dtype=like.dtype, device=like.device)
+    return _powered_saliency(saliency, float(alpha))
+
+
+def scope_greedy_reference(
+    features: torch.Tensor,
+    saliency: torch.Tensor | None,
+    budget: int,
+    alpha: float = 1.0,
+    combine: str = "mul",
+) -> torch.Tensor:
+    """Algorithm 1 of the paper, written to be read. Inputs already batched: [B,N,d], [B,N] -> [B,K].
+
+    For every sample: start with nothing covered; K times, score every unselected token by its coverage
+    gain times its saliency**alpha, take the best (first index on ties, as ``torch.argmax``), and raise
+    the coverage of every token to its similarity with the new pick.
+    """
+    B, N, _ = features.shape
+    weight = _scope_weight(saliency, (B, N), features, alpha, combine)
+    kept = []
+    for b in range(B):
+        sim = cosine_similarity_matrix(features[b])  # S_uv
+        cover = torch.zeros(N, dtype=sim.dtype, device=sim.device)  # c_u, nothing covered yet
+        selected = torch.zeros(N, dtype=torch.bool, device=sim.device)
+        picks = []
+        for _ in range(budget):
+            gain = _row_gains(sim, cover)  # Delta(v; T) for every v
+            score = _combine(gain, weight[b], combine)
+            score = score.masked_fill(selected, float("-inf"))
+            v = int(torch.argmax(score))
+            picks.append(v)
+            selected[v] = True
+            cover = torch.maximum(cover, sim[v])
+        kept.append(torch.tensor(sorted(picks), dtype=torch.long, device=features.device))
+    return torch.stack(kept)
+
+
+def scope_greedy_fast(
+    features: torch.Tensor,
+    saliency: torch.Tensor | None,
+    budget: int,
+    alpha: float = 1.0,
+    combine: str = "mul",
+    candidates: int = 8,
+) -> torch.Tensor:
+    """Exact SCOPE by batched lazy greedy; same picks as :func:`scope_greedy_reference`.
+
+    Keeps an upper bound of every token's score (its last exactly computed score; gains only shrink).
+    Each step rescores, for all samples at once, the ``candidates`` tokens with the highest bounds and
+    accepts the best exact score if it beats the next bound. A sample where it does not (rare) rescores
+    every token whose bound still reaches the best score, so ties go to the lowest index as in the
+    reference.
+    """
+    B, N, _ = features.shape
+    device = features.device
+    weight = _scope_weight(saliency, (B, N), features, alpha, combine)
+    sim = cosine_similarity_matrix(features)  # [B, N, N]
+    cover = torch.zeros(B, N, dtype=sim.dtype, device=device)
+    bound = _combine(_row_gains(sim, cover), weight, combine)  # exact for T = {}
+    rows_b = torch.arange(B, device=device)
+    m = max(2, min(candidates, N - 1))  # >= 2 rows per call keeps the reduction kernel (and its order) fixed
+    m_min, m_max = m, max(m, min(N - 1, 256))
+    picks = torch.empty(B, budget, dtype=torch.long, device=device)
+
+    for step in range(budget):
+        if step == 0 or N - step <= m + 1:
+            # first step: the bounds are exact; last few steps: rescoring everything is as cheap
+            if step > 0:
+                bound = _combine(_row_gains(sim, cover), weight, combine).masked_fill_(
+                    bound == -torch.inf, -torch.inf
+                )
+            best = bound.argmax(-1)
+        else:
+            top_val, cand = bound.topk(m + 1, dim=-1)  # m candidates + the best bound left out
+            cand, next_bound = cand[:, :m], top_val[:, m]
+            exact = _combine(_row_gains(sim[rows_b[:, None], cand], cover), weight.gather(1, cand), combine)
+            exact.masked_fill_(top_val[:, :m] == -torch.inf, -torch.inf)  # picked tokens stay out
+            bound.scatter_(1, cand, exact)
+            best_val = exact.max(-1).values
+            best = torch.where(exact == best_val[:, None], cand, N).min(-1).values  # lowest index on ties
+            unsettled = (best_val <= next_bound).nonzero().flatten().tolist()
+            for b in unsettled:
+                best[b] = _settle(sim[b], cover[b], weight[b], bound[b], cand[b], best_val[b], combine)
+            # adapt the number of candidates: bounds that go stale together need a wider first look
+            m = min(m_max, 2 * m) if unsettled else max(m_min, (3 * m) // 4)
+        picks[:, step] = best
+        bound[rows_b, best] = -torch.inf
+        cover = torch.maximum(cover, sim[rows_b, best])
+    return picks.sort(-1).values
+
+
+def _settle(sim, cover, weight, bound, fresh_idx, best_val, combine) -> int:
+    """Exact argmax for one sample whose stale bounds still reach the best fresh score (updates bound)."""
+    fresh = torch.zeros_like(bound, dtype=torch.bool)
+    fresh[fresh_idx] = True
+    while True:
+        stale = ((bound >= best_val) & ~fresh).nonzero().flatten()
+        if stale.numel() == 0:
+            break
+        idx = stale if stale.numel() > 1 else torch.cat([stale, stale])  # >= 2 rows, as in the batched call
+        exact = _combine(_row_gains(sim[idx], cover), weight[idx], combine)
+        bound[idx] = exact
+        fresh[idx] = True
+        best_val = torch.maximum(best_val, exact.max())
+    return int(
+        torch.where(
+            fresh & (bound == best_val), torch.arange(bound.numel(), device=bound.device), bound.numel()
+        ).min()
+    )
+
+
+def _scope(features, saliency, budget, alpha: float = 1.0, combine: str = "mul", impl: str = "fast"):
+    if impl == "fast":
+        return scope_greedy_fast(features, saliency, budget, alpha=alpha, combine=combine)
+    if impl == "reference":
+        return scope_greedy_reference(features, saliency, budget, alpha=alpha, combine=combine)
+    raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
+
+
+def _coverage(features, saliency, budget, impl: str = "fast"):
+    """SCOPE with alpha = 0: pure facility-location coverage, saliency ignored."""
+    return _scope(features, None, budget, alpha=0.0, impl=impl)
+
+
+# --------------------------------------------------------------------------------------------------------
+# baselines
+# --------------------------------------------------------------------------------------------------------
+
+
+def _topk_first_index(score: torch.Tensor, k: int) -> torch.Tensor:
+    # a stable descending sort breaks ties by the lower index, like argmax; topk does not promise that
+    return score.sort(dim=-1, descending=True, stable=True).indices[..., :k].sort(-1).values
+
+
+def _saliency(features, saliency, budget):
+    """Top-K tokens by CLS attention (the "saliency-only" ablation; VisionZip's dominant tokens)."""
+    return _topk_first_index(_need_saliency("saliency", saliency), budget)
+
+
+def _random(features, saliency, budget, seed: int = 0):
+    """K tokens uniformly at random, reproducible from ``seed`` (each sample gets its own draw)."""
+    B, N, _ = features.shape
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    idx = torch.stack([torch.randperm(N, generator=gen)[:budget] for _ in range(B)])
+    return idx.sort(-1).values.to(features.device)
+
+
+def _grid_shape(n: int, grid: tuple[int, int] | None) -> tuple[int, int]:
+    if grid is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"uniform needs grid=(rows, cols) for a non-square token count N={n}")
+        return side, side
+    h, w = (int(g) for g in grid)
+    if h * w != n:
+        raise ValueError(f"grid={tuple(grid)} has {h * w} cells but there are N={n} tokens")
+    return h, w
+
+
+def uniform_indices(n: int, budget: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """K raster indices spread evenly over an ``rows x cols`` grid (cell centres of a coarser lattice)."""
+    h, w = _grid_shape(n, grid)
+    rows = max(1, min(h, round(math.sqrt(budget * h / w))))
+    cols = math.ceil(budget / rows)
+    if cols > w:  # budget close to N: fall back to even spacing along the raster order
+        return torch.linspace(0, n - 1, budget).round().long()
+    r = ((torch.arange(rows) + 0.5) * h / rows).long()
+    c = ((torch.arange(cols) + 0.5) * w / cols).long()
+    lattice = (r[:, None] * w + c[None, :]).flatten()  # rows*cols >= budget points, all distinct
+    pick = torch.linspace(0, lattice.numel() - 1, budget).round().long()
+    return lattice[pick].sort().values
+
+
+def _uniform(features, saliency, budget, grid: tuple[int, int] | None = None):
+    B, N, _ = features.shape
+    return uniform_indices(N, budget, grid).to(features.device).expand(B, budget).clone()
+
+
+def _divprune(features, saliency, budget):
+    """DivPrune (Alvar et al., CVPR 2025): greedy max-min cosine distance.
+
+    The first pick is the token farthest from its nearest neighbour; each next pick maximises its
+    distance to the closest token already kept. Ties go to the lowest index.
+    """
+    B, N, _ = features.shape
+    dist = 1.0 - cosine_similarity_matrix(features)  # [B, N, N]
+    rows_b = torch.arange(B, device=features.device)
+    if N == 1:
+        return torch.zeros(B, 1, dtype=torch.long, device=features.device)
+    eye = torch.eye(N, dtype=torch.bool, device=features.device)
+    nearest = dist.masked_fill(eye, float("inf")).min(-1).values
+    first = nearest.argmax(-1)
+    picks = [first]
+    mind = dist[rows_b, first].clone()  # distance of every token to the kept set
+    mind[rows_b, first] = float("-inf")
+    for _ in range(budget - 1):
+        v = mind.argmax(-1)
+        picks.append(v)
+        mind = torch.minimum(mind, dist[rows_b, v])
+        mind[rows_b, v] = float("-inf")
+        for p in picks:  # kept tokens never come back (distance 0 to themselves would do, ties aside)
+            mind[rows_b, p] = float("-inf")
+    return torch.stack(picks, -1).sort(-1).values
+
+
+def visionzip_counts(budget: int, n_contextual: int | None = None) -> tuple[int, int]:
+    """(dominant, contextual) split of a budget. VisionZip uses 54+10, 108+20, 162+30 at 64/128/192."""
+    if n_contextual is None:
+        n_contextual = round(budget * 10 / 64) if budget > 1 else 0
+    n_contextual = int(n_contextual)
+    if not 0 <= n_contextual < budget:
+        raise ValueError(f"n_contextual must be in [0, budget={budget}), got {n_contextual}")
+    return budget - n_contextual, n_contextual
+
+
+def _visionzip(features, saliency, budget, n_contextual: int | None = None, metric=None):
+    """VisionZip (Yang et al., CVPR 2025): dominant tokens by saliency + merged contextual tokens.
+
+    Dominant: the top ``budget - n_contextual`` tokens by CLS attention. Contextual: of the remaining
+    tokens (raster order), every ``step``-th becomes a centre; each other remaining token joins the centre
+    most similar to it (cosine of ``metric``, default the features; VisionZip uses the attention keys), and
+    a centre's output is its own feature plus the mean of the features that joined it (VisionZip's rule).
+    """
+    sal = _need_saliency("visionzip", saliency)
+    B, N, d = features.shape
+    n_dom, n_ctx = visionzip_counts(budget, n_contextual)
+    dominant = _topk_first_index(sal, n_dom)
+    if n_ctx == 0:
+        return Pruned(dominant, features.gather(1, dominant[..., None].expand(-1, -1, d)))
+    if metric is None:
+        metric = features
+    elif tuple(metric.shape[:2]) != (B, N):
+        raise ValueError(f"metric shape {tuple(metric.shape)} must start with (B, N) = {(B, N)}")
+    metric = metric.to(features.dtype)
+    keep = torch.ones(B, N, dtype=torch.bool, device=features.device)
+    keep.scatter_(1, dominant, False)
+    rest = keep.nonzero()[:, 1].view(B, N - n_dom)  # remaining tokens, raster order
+    step = max(1, rest.shape[1] // n_ctx)
+    pos = torch.arange(0, rest.shape[1], step, device=features.device)[:n_ctx]
+    centres = rest[:, pos]  # [B, n_ctx]
+    others_mask = torch.ones(rest.shape[1], dtype=torch.bool, device=features.device)
+    others_mask[pos] = False
+    others = rest[:, others_mask]  # [B, R]
+    unit = F.normalize(metric, dim=-1, eps=1e-12)
+    sim = unit.gather(1, others[..., None].expand(-1, -1, unit.shape[-1])) @ unit.gather(
+        1, centres[..., None].expand(-1, -1, unit.shape[-1])
+    ).transpose(1, 2)  # [B, R, n_ctx]
+    assign = F.one_hot(sim.argmax(-1), n_ctx).to(features.dtype)  # [B, R, n_ctx]
+    counts = assign.sum(1).clamp(min=1).unsqueeze(-1)
+    other_feats = features.gather(1, others[..., None].expand(-1, -1, d))
+    merged = (
+        features.gather(1, centres[..., None].expand(-1, -1, d))
+        + assign.transpose(1, 2) @ other_feats / counts
+    )
+    idx = torch.cat([dominant, centres], 1)
+    feats = torch.cat([features.gather(1, dominant[..., None].expand(-1, -1, d)), merged], 1)
+    order = idx.argsort(-1)
+    return Pruned(idx.gather(1, order), feats.gather(1, order[..., None].expand(-1, -1, d)))
+
+
+METHODS: dict[str, Callable] = {
+    "scope": _scope,
+    "coverage": _coverage,
+    "saliency": _saliency,
+    "random": _random,
+    "uniform": _uniform,
+    "divprune": _divprune,
+    "visionzip": _visionzip,
+}
+
+
+# --------------------------------------------------------------------------------------------------------
+# one-call API
+# --------------------------------------------------------------------------------------------------------
+
+
+def prune(
+    features: torch.Tensor,
+    saliency: torch.Tensor | None = None,
+    budget: int = 64,
+    method: str = "scope",
+    **options,
+) -> Pruned:
+    """Keep ``budget`` of the N tokens and return their indices and the features that enter the projector.
+
+    Args:
+        features: ``[B, N, d]`` or ``[N, d]`` token features (LLaVA: vision layer -2, CLS dropped).
+        saliency: ``[B, N]`` or ``[N]`` CLS attention summed over heads; needed by scope (alpha != 0),
+            saliency and visionzip.
+        budget: K, the number of tokens kept per sample (1 <= K <= N).
+        method: a name in :data:`METHODS`.
+        **options: method options: ``alpha``, ``combine`` ("mul"|"add"), ``impl`` ("fast"|"reference")
+            for scope; ``seed`` for random; ``grid`` for uniform; ``n_contextual``, ``metric`` for visionzip.
+
+    Returns:
+        :class:`Pruned` ``(indices [B, K] ascending, features [B, K, d])`` (unbatched in, unbatched out),
+        features in the input's dtype.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    feats, sal, unbatched = _prepare(features, saliency, budget)
+    if "metric" in options and options["metric"] is not None and options["metric"].dim() == 2:
+        options["metric"] = options["metric"].unsqueeze(0)
+    try:
+        out = METHODS[method](feats, sal, int(budget), **options)
+    except TypeError as err:
+        if "unexpected keyword argument" in str(err):
+            raise ValueError(f"method {method!r} got an unknown option: {err}") from None
+        raise
+    if isinstance(out, Pruned):
+        idx, kept = out.indices, out.features.to(features.dtype)
+    else:
+        idx = out
+        src = features.unsqueeze(0) if unbatched else features
+        kept = src.gather(1, idx[..., None].expand(-1, -1, src.shape[-1]))
+    if unbatched:
+        return Pruned(idx[0], kept[0])
+    return Pruned(idx, kept)
+
+
+def select(
+    features: torch.Tensor,
+    saliency: torch.Tensor | None = None,
+    budget: int = 64,
+    method: str = "scope",
+    **options,
+) -> torch.Tensor:
+    """Indices of the ``budget`` kept tokens, ascending: ``LongTensor[B, K]`` (``[K]`` for unbatched input).
+
+    See :func:`prune` for the arguments. For VisionZip these are the dominant tokens plus the contextual
+    centres (the merged features come from :func:`prune`).
+    """
+    return prune(features, saliency, budget, method, **options).indices
