@@ -213,6 +213,7 @@ def scope_greedy_fast(
     cover = torch.zeros(B, N, dtype=sim.dtype, device=device)
     bound = _combine(_row_gains(sim, cover), weight, combine)  # exact for T = {}
     rows_b = torch.arange(B, device=device)
+    flat = sim.view(B * N, N)  # row (b, v) of sim is row b * N + v: index_select copies rows fast
     m = max(2, min(candidates, N - 1))  # >= 2 rows per call keeps the reduction kernel (and its order) fixed
     m_min, m_max = m, max(m, min(N - 1, 256))
     picks = torch.empty(B, budget, dtype=torch.long, device=device)
@@ -228,7 +229,8 @@ def scope_greedy_fast(
         else:
             top_val, cand = bound.topk(m + 1, dim=-1)  # m candidates + the best bound left out
             cand, next_bound = cand[:, :m], top_val[:, m]
-            exact = _combine(_row_gains(sim[rows_b[:, None], cand], cover), weight.gather(1, cand), combine)
+            rows = flat.index_select(0, (cand + rows_b[:, None] * N).flatten()).view(B, m, N)
+            exact = _combine(_row_gains(rows, cover), weight.gather(1, cand), combine)
             exact.masked_fill_(top_val[:, :m] == -torch.inf, -torch.inf)  # picked tokens stay out
             bound.scatter_(1, cand, exact)
             best_val = exact.max(-1).values
@@ -240,7 +242,7 @@ def scope_greedy_fast(
             m = min(m_max, 2 * m) if unsettled else max(m_min, (3 * m) // 4)
         picks[:, step] = best
         bound[rows_b, best] = -torch.inf
-        cover = torch.maximum(cover, sim[rows_b, best])
+        cover = torch.maximum(cover, flat.index_select(0, best + rows_b * N))
     return picks.sort(-1).values
 
 
@@ -253,7 +255,7 @@ def _settle(sim, cover, weight, bound, fresh_idx, best_val, combine) -> int:
         if stale.numel() == 0:
             break
         idx = stale if stale.numel() > 1 else torch.cat([stale, stale])  # >= 2 rows, as in the batched call
-        exact = _combine(_row_gains(sim[idx], cover), weight[idx], combine)
+        exact = _combine(_row_gains(sim.index_select(0, idx), cover), weight[idx], combine)
         bound[idx] = exact
         fresh[idx] = True
         best_val = torch.maximum(best_val, exact.max())
