@@ -7,9 +7,9 @@ One-call API::
     model, processor = scope.load(method="scope", budget=64)      # embedded MiniLLaVA, pruned
     scope.patch(hf_llava_model, method="scope", budget=64)        # any transformers LLaVA / LLaVA-NeXT
 
-The selection library is imported at once; other submodules load on first use. ``scope.select``,
-``scope.patch`` and ``scope.load`` name both a module and the function it defines: the package attribute
-is always the function (import the module as ``from scope.select import ...``).
+``scope.select``, ``scope.patch`` and ``scope.load`` name both a module and the function it defines; they
+are imported here at once so that the package attribute is always the function (reach the modules with
+``from scope.select import ...``). Other submodules load on first use.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 import importlib
 
 from .coverage import coverage_gain, set_coverage, theta_coverage
+from .load import load
+from .patch import equivalent_tokens, is_patched, patch, unpatch
 from .select import METHODS, Pruned, prune, scope_greedy_fast, scope_greedy_reference, select
 
 __version__ = "0.1.0"
@@ -34,6 +36,8 @@ _EXPORTS = {
     "coverage_gain": "scope.coverage",
     "patch": "scope.patch",
     "unpatch": "scope.patch",
+    "is_patched": "scope.patch",
+    "equivalent_tokens": "scope.patch",
     "load": "scope.load",
 }
 

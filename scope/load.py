@@ -1,0 +1,153 @@
+"""``scope.load``: a LLaVA / LLaVA-NeXT model and its processor, optionally patched, offline-first.
+
+    model, processor = scope.load()                                   # the embedded MiniLLaVA
+    model, processor = scope.load("llava-hf/llava-1.5-7b-hf", method="scope", budget=64)
+
+A hub id is only fetched when it is not in the local Hugging Face cache *and* the hub is reachable; with
+``HF_HUB_OFFLINE=1`` (or ``local_files_only=True``) or no network the call fails at once with a message
+that says what to do, instead of waiting for network timeouts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+__all__ = ["load", "hub_reachable"]
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub endpoint opens within ``timeout`` seconds (DNS included)."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+    result = {"ok": False}
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result["ok"] = True
+        except OSError:
+            pass
+
+    # a thread bounds the DNS lookup too, which socket timeouts do not cover
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 1.0)
+    return result["ok"]
+
+
+def _model_class(config):
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
+    if config.model_type not in classes:
+        raise ValueError(
+            f"scope.load supports LLaVA (model_type 'llava') and LLaVA-NeXT ('llava_next') checkpoints, "
+            f"got model_type={config.model_type!r}"
+        )
+    return classes[config.model_type]
+
+
+def _resolve(model_id_or_path: str | os.PathLike | None, kwargs: dict[str, Any]) -> str:
+    """A local directory, or a hub id that is cached or downloadable; raise a clear error otherwise."""
+    from scope import paths
+
+    if model_id_or_path is None:
+        path = Path(paths.MINILLAVA_DIR)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"the embedded MiniLLaVA checkpoint is missing at {path}; build it with `make model` "
+                f"(or pass a model id / path to scope.load)"
+            )
+        return str(path)
+    name = str(model_id_or_path)
+    if Path(name).expanduser().exists():
+        path = Path(name).expanduser()
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} has no config.json; is it a save_pretrained directory?")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"no such model directory: {name}")
+
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(name, "config.json", revision=kwargs.get("revision")), str)
+    if cached:
+        return name
+    if kwargs.get("local_files_only") or _offline():
+        raise FileNotFoundError(
+            f"{name!r} is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE / "
+            f"local_files_only). Download it once where the hub is reachable "
+            f"(`huggingface-cli download {name}`), copy the cache (HF_HOME) here, or pass a local "
+            f"save_pretrained directory."
+        )
+    if not hub_reachable():
+        raise ConnectionError(
+            f"{name!r} is not in the local Hugging Face cache and the hub "
+            f"({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) cannot be reached. Download it "
+            f"where there is network (`huggingface-cli download {name}`) and copy the cache (HF_HOME), or pass "
+            f"a local directory."
+        )
+    return name
+
+
+def load(
+    model_id_or_path: str | os.PathLike | None = None,
+    method: str | None = None,
+    budget: int | None = None,
+    **from_pretrained_kwargs: Any,
+):
+    """Load a LLaVA or LLaVA-NeXT checkpoint and its processor; patch it when ``method`` is given.
+
+    Args:
+        model_id_or_path: a hub id (``"llava-hf/llava-1.5-7b-hf"``), a local ``save_pretrained``
+            directory, or None for the embedded MiniLLaVA (``scope.paths.MINILLAVA_DIR``).
+        method: None (unpatched) or a ``scope.patch`` method ("scope", "visionzip", "fastv", ...).
+        budget: visual tokens per image for the patch; None means 64 (PDrop: its ratio schedule).
+        **from_pretrained_kwargs: passed to ``from_pretrained`` of the model (e.g. ``dtype``,
+            ``device_map``, ``revision``, ``attn_implementation``).
+
+    Returns:
+        ``(model, processor)``, the model in eval mode.
+
+    Raises:
+        FileNotFoundError: the embedded checkpoint is not built yet (run ``make model``), or a hub id is not
+            cached while downloads are off.
+        ConnectionError: a hub id is not cached and the hub cannot be reached.
+        ValueError: the checkpoint is not a LLaVA / LLaVA-NeXT model.
+    """
+    from transformers import AutoConfig, AutoProcessor
+
+    kwargs = dict(from_pretrained_kwargs)
+    source = _resolve(model_id_or_path, kwargs)
+    local_only = _offline() or bool(kwargs.pop("local_files_only", False)) or Path(source).exists()
+    if not local_only and not hub_reachable():
+        local_only = True  # cached hub id, no network: use the cache instead of waiting on timeouts
+    hub_kw = {k: kwargs[k] for k in ("revision", "cache_dir", "token") if k in kwargs}
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local_only, **hub_kw)
+        model = _model_class(config).from_pretrained(source, local_files_only=local_only, **kwargs)
+        processor = AutoProcessor.from_pretrained(source, local_files_only=local_only, **hub_kw)
+    except OSError as err:  # e.g. config cached but weights not
+        raise FileNotFoundError(
+            f"could not load {source!r} from {'the local cache' if local_only else 'the hub'}: {err}. "
+            f"Download the full checkpoint (`huggingface-cli download {source}`) or pass a local directory."
+        ) from err
+    model.eval()
+    if method is not None:
+        from scope.patch import patch
+
+        if budget is None and method not in ("none", "pdrop"):
+            budget = 64
+        patch(model, method=method, budget=budget)
+    return model, processor

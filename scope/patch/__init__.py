@@ -1,0 +1,185 @@
+"""Make a transformers LLaVA model prune visual tokens: ``scope.patch(model, method, budget)``.
+
+    import scope
+    scope.patch(model, method="scope", budget=64)      # LlavaForConditionalGeneration / LlavaNext...
+    model.generate(**processor(images=image, text=prompt, return_tensors="pt"))
+    scope.unpatch(model)                                # back to the original, bit for bit
+
+    with scope.patch(model, method="fastv", budget=64):  # or as a context manager
+        model(**inputs)
+
+Methods:
+- every name in ``scope.METHODS`` ("scope", "coverage", "saliency", "random", "uniform", "divprune",
+  "visionzip") prunes *before* the LLM (:mod:`scope.patch.llava`, :mod:`scope.patch.llava_next`):
+  ``budget`` = tokens per image (LLaVA-NeXT: split over crops, see that module);
+- ``"none"`` patches nothing in the computation but goes through the same code path (a control);
+- ``"fastv"`` and ``"pdrop"`` drop visual tokens *inside* the LLM (:mod:`scope.patch.in_llm`):
+  ``budget`` = visual tokens per image kept after the (first) pruning layer.
+
+Patching replaces ``forward``/``generate`` (and for in-LLM methods the decoder layers' ``forward``) on the
+*instance*; the class, the weights and the state dict are untouched, and ``unpatch`` deletes the overrides.
+
+Deviations from the reference code (kinredon/SCOPE, FastV, PyramidDrop), all deliberate:
+
+1. Budgets are per image. The SCOPE reference divides the budget by ``images.shape[0]``, i.e. by every
+   image (LLaVA-1.5) or crop (LLaVA-NeXT) in the *batch*; with its batch size 1 that equals ours.
+2. Saliency is recomputed for the CLS row only by a pre-hook (the reference runs the tower with
+   ``output_attentions=True`` in eager mode); equal to eager to float precision (tested).
+3. LLaVA-NeXT: per-crop budget ``budget // crops`` and stitched-grid raster order as in the reference; we
+   raise instead of silently truncating when ``budget // crops`` exceeds a crop's tokens or is 0, and
+   offer ``keep_newlines`` (not in the reference). ``method="none"`` keeps transformers' own packing.
+4. ``budget >= N`` on LLaVA-1.5 keeps all tokens (identity) instead of erroring.
+5. Left-padded batches: positions are rebuilt from the attention mask after collapsing (compact per row,
+   as the LLaVA repo builds them); ``generate`` returns the caller's un-collapsed prompt + new tokens.
+6. FastV: ``budget`` = kept visual tokens per image (the reference uses a ratio ``R`` of one image's
+   tokens, batch size 1, one contiguous image block); scores are the mean over heads of the last valid
+   token's attention at layer K-1 recomputed for that one row (reference: eager ``output_attentions``).
+   Kept tokens keep their original positions, as in the reference.
+7. PDrop: stage ends 8/16/24 are scaled to the LLM depth (``round(L * x / 32)``); ``budget`` (if given)
+   is the count after the first drop and later stages multiply by ``ratio``; ``budget=None`` is the
+   reference's ``int(N * ratio ** s)``. Ranking as the reference (layer ``b``'s attention of the last
+   prompt token on its pre-drop input, mean over heads), positions renumbered compactly after each drop.
+   The reference's training-time query set (tokens before answers) is not implemented (inference only).
+8. In-LLM methods: an image is a contiguous run of ``<image>`` tokens (two images written back to back
+   without text between them count as one); on LLaVA-NeXT the newline embeddings inside the run are
+   ranked like visual tokens (the FastV/PDrop references treat all image features alike).
+9. In-LLM methods return logits at the caller's sequence length (dropped rows are zero vectors before the
+   LM head); the references return the shortened sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .llava import PatchState
+
+__all__ = ["patch", "unpatch", "is_patched", "IN_LLM_METHODS", "equivalent_tokens"]
+
+IN_LLM_METHODS = ("fastv", "pdrop")
+
+
+class _Handle:
+    """Returned by :func:`patch`; ``with scope.patch(...) as model:`` unpatches on exit."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        unpatch(self.model)
+
+    def __repr__(self) -> str:
+        s = self.model._scope
+        return f"<scope patch method={s.method!r} budget={s.budget} on {type(self.model).__name__}>"
+
+
+def _family(model) -> str:
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    if isinstance(model, LlavaNextForConditionalGeneration):  # check first: not a subclass, but be explicit
+        return "llava_next"
+    if isinstance(model, LlavaForConditionalGeneration):
+        return "llava"
+    raise ValueError(
+        f"scope.patch supports LlavaForConditionalGeneration and LlavaNextForConditionalGeneration, "
+        f"got model of type {type(model).__name__}"
+    )
+
+
+def patch(model, method: str = "scope", budget: int | None = 64, **options: Any) -> _Handle:
+    """Make ``model`` prune visual tokens with ``method`` at ``budget`` tokens per image.
+
+    Args:
+        model: a transformers ``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration``.
+        method: a selection method of ``scope.METHODS``, ``"none"``, ``"fastv"`` or ``"pdrop"``.
+        budget: visual tokens per image entering the LLM (pre-LLM methods; LLaVA-NeXT splits it evenly
+            over crops) or kept after the pruning layer (FastV / first PDrop stage; ``None`` for PDrop means
+            the reference schedule ``ratio * N``).
+        **options: passed to the selection method (``alpha``, ``combine``, ``seed``, ``n_contextual`` ...);
+            LLaVA-NeXT: ``keep_newlines``; FastV: ``layer`` (default 2); PDrop: ``layers`` (default
+            8/16/24 scaled to the depth), ``ratio`` (default 0.5).
+
+    Returns:
+        a handle usable as a context manager (``with scope.patch(m, ...) as m:``); the model is patched
+        in place either way. Patching a patched model replaces the previous patch.
+    """
+    from scope.select import METHODS
+
+    family = _family(model)
+    if not isinstance(method, str) or (method not in METHODS and method not in ("none", *IN_LLM_METHODS)):
+        raise ValueError(
+            f"unknown method {method!r}; choose one of {sorted([*METHODS, 'none', *IN_LLM_METHODS])}"
+        )
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"budget must be a positive int, got budget={budget!r}")
+    if budget is None and method not in ("none", "pdrop"):
+        raise ValueError(
+            f"budget=None is only meaningful for method 'none' or 'pdrop', got method={method!r}"
+        )
+    if "keep_newlines" in options and family != "llava_next":
+        raise ValueError("option keep_newlines applies to LLaVA-NeXT models only")
+    if is_patched(model):
+        unpatch(model)
+
+    if method in IN_LLM_METHODS:
+        from . import in_llm
+
+        state = PatchState(method, budget, dict(options), "in_llm")
+        in_llm.install(model, state)
+    else:
+        from . import llava
+
+        state = PatchState(method, budget, dict(options), family)
+        if family == "llava_next":
+            from . import llava_next
+
+            if method == "none":
+                # "none" on NeXT: keep the model's own packing (unpad + newlines) untouched
+                state.saved = {}
+            else:
+                llava.install(model, state, encode=llava_next.pruned_image_features)
+        else:
+            llava.install(model, state)
+    model._scope = state
+    return _Handle(model)
+
+
+def unpatch(model) -> None:
+    """Undo :func:`patch`; a no-op on a model that is not patched."""
+    state = model.__dict__.get("_scope")
+    if state is None:
+        return
+    if state.family == "in_llm":
+        from . import in_llm
+
+        in_llm.uninstall(model, state)
+    else:
+        from . import llava
+
+        llava.uninstall(model, state)
+    del model.__dict__["_scope"]
+
+
+def is_patched(model) -> bool:
+    """Whether ``model`` currently carries a ``scope.patch``."""
+    return "_scope" in model.__dict__
+
+
+def equivalent_tokens(
+    method: str, budget: int | None, n_visual: int, num_layers: int, **options: Any
+) -> float:
+    """Visual tokens per image averaged over the LLM's layers (how in-LLM methods are compared to pre-LLM ones).
+
+    Pre-LLM methods keep ``min(budget, n_visual)`` in every layer; FastV / PDrop keep all ``n_visual``
+    before their pruning layers.
+    """
+    if method in IN_LLM_METHODS:
+        from .in_llm import schedule
+
+        counts = schedule(method, budget, n_visual, num_layers, options)
+        return sum(counts) / num_layers
+    if method == "none" or budget is None:
+        return float(n_visual)
+    return float(min(budget, n_visual))

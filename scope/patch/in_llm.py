@@ -1,0 +1,370 @@
+"""In-LLM baselines: FastV and PyramidDrop (PDrop) on the language model of a transformers LLaVA model.
+
+Both drop rows of the hidden states between decoder layers, ranked by the attention that the last prompt
+token pays to the image tokens:
+
+- FastV (Chen et al., ECCV 2024): before layer ``K`` (default 2) keep, per image, the ``budget`` visual
+  tokens with the highest attention from the last token in layer ``K - 1`` (mean over heads). Kept tokens
+  keep their original RoPE positions (FastV's ``position_ids = keep_indexs``).
+- PDrop (Xing et al., CVPR 2025): stages end at layers 8/16/24 of a 32-layer LLM (scaled to the depth:
+  ``round(L * x / 32)``); at each stage end keep ``ratio`` (0.5) of the previous visual tokens, ranked by
+  the last instruction token's attention in the *first layer of the next stage*, computed on that layer's
+  input. Positions are renumbered compactly after each drop, as the reference does. ``budget`` (if not
+  None) sets the count after the first drop; later stages keep ``int(budget * ratio ** s)``; with
+  ``budget=None`` stage s keeps ``int(N * ratio ** s)`` as in the paper.
+
+How it runs inside transformers 5.x without giving up SDPA:
+
+- only the one attention row needed (the last valid token's query against all keys) is recomputed, with
+  the layer's own q/k projections and RoPE; the layers themselves keep their attention implementation;
+- every decoder layer's ``forward`` is wrapped on the instance; the wrapper of a pruning layer packs the
+  kept rows (left padding, per-row counts may differ) and swaps in a matching 4D mask, positions and RoPE
+  tables for all later layers;
+- KV cache: layers after a drop cache fewer keys. The per-stage validity mask and position shift are kept on
+  the ``DynamicCache`` object itself, so each decoding step builds the right mask for each stage's shorter
+  cache; ``generate()`` works unchanged (greedy, sampling, beams);
+- the language model's output is scattered back to the input length (dropped rows are zeros), so
+  ``logits[:, -1]`` and the text positions line up with the caller's ``input_ids``.
+
+Token accounting: ``model._scope.last["visual_tokens_per_layer"]`` lists, per layer, the visual tokens per
+row in the latest prefill; ``equivalent_tokens`` is their mean over layers, per image (the layer-averaged
+count by which papers compare in-LLM and pre-LLM pruning).
+
+Not supported: flash-attention / flex (needs masks per stage), static caches, ``inputs_embeds`` instead
+of ``input_ids`` (image tokens cannot be located), ``output_hidden_states`` of pruned layers.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .llava import PatchState
+
+__all__ = ["install", "uninstall", "schedule", "stage_plan"]
+
+_CACHE_KEY = "_scope_in_llm"
+
+
+# --------------------------------------------------------------------------------------------------------
+# schedule: which layers drop, which layer scores, how many survive
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    layer: int  # first layer that sees the reduced sequence
+    score_layer: int  # whose attention ranks the visual tokens
+    keep: Any  # callable(n_visual_original) -> tokens kept per image in this stage
+
+
+def stage_plan(method: str, budget: int | None, num_layers: int, options: dict) -> list[Stage]:
+    """The drop points of ``method`` for an LLM with ``num_layers`` layers; validates the options."""
+    opts = dict(options)
+    if method == "fastv":
+        k = opts.pop("layer", 2)
+        if opts:
+            raise ValueError(f"fastv got unknown options {sorted(opts)}; it takes layer")
+        if not isinstance(k, int) or not 1 <= k < num_layers:
+            raise ValueError(f"fastv layer must be an int in [1, {num_layers - 1}], got layer={k!r}")
+        if budget is None:
+            raise ValueError("fastv needs a budget (visual tokens kept after its layer)")
+        return [Stage(k, k - 1, lambda n: min(n, budget))]
+    if method == "pdrop":
+        ratio = opts.pop("ratio", 0.5)
+        layers = opts.pop("layers", None)
+        if opts:
+            raise ValueError(f"pdrop got unknown options {sorted(opts)}; it takes layers, ratio")
+        if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+            raise ValueError(f"pdrop ratio must be in (0, 1), got ratio={ratio!r}")
+        if layers is None:
+            layers = sorted({max(1, round(num_layers * x / 32)) for x in (8, 16, 24)})
+        layers = list(layers)
+        if not layers or layers != sorted(set(layers)) or layers[0] < 1 or layers[-1] >= num_layers:
+            raise ValueError(
+                f"pdrop layers must be increasing in [1, {num_layers - 1}], got layers={layers!r}"
+            )
+
+        def keep(stage: int):
+            if budget is None:
+                return lambda n: max(1, int(n * ratio ** (stage + 1)))
+            return lambda n: max(1, min(n, int(budget * ratio**stage)))
+
+        return [Stage(b, b, keep(s)) for s, b in enumerate(layers)]
+    raise ValueError(f"unknown in-LLM method {method!r}; choose fastv or pdrop")
+
+
+def schedule(method: str, budget: int | None, n_visual: int, num_layers: int, options: dict) -> list[int]:
+    """Visual tokens of one ``n_visual``-token image seen by each of the ``num_layers`` layers."""
+    counts, current = [], n_visual
+    stages = {s.layer: s for s in stage_plan(method, budget, num_layers, options)}
+    for i in range(num_layers):
+        if i in stages:
+            current = min(current, stages[i].keep(n_visual))
+        counts.append(current)
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------------
+# per-call state
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """What one forward call knows while it walks through the layers."""
+
+    image_mask: torch.Tensor | None  # [B, L] bool, prefill only
+    attention_mask: torch.Tensor | None  # [B, L] 2D mask of the call
+    prefill: bool
+    pruned: bool = False
+    stage: int = 0
+    valid: torch.Tensor | None = None  # [B, Lp] real (non-pad) slots of the current packing
+    seg: torch.Tensor | None = None  # [B, Lp] image run id of each slot, -1 for text
+    orig: torch.Tensor | None = None  # [B, Lp] slot in the caller's sequence
+    pos: torch.Tensor | None = None  # [B, Lp] RoPE positions of the current stage
+    kwargs: dict[str, Any] = field(default_factory=dict)  # mask / positions / rope swapped into layers
+    score_input: tuple | None = None  # FastV: (hidden_states, position_embeddings) of the score layer
+    counts: list[torch.Tensor] = field(default_factory=list)
+    kept_slots: list[torch.Tensor] = field(default_factory=list)  # per drop: [B, L] caller slots kept
+    n_images: torch.Tensor | None = None
+    first_seg: torch.Tensor | None = None  # seg / valid before any drop (original image runs)
+    first_valid: torch.Tensor | None = None
+
+
+def _image_runs(image_mask: torch.Tensor) -> torch.Tensor:
+    """Id of the contiguous image-token run each position belongs to (-1 for text); ids restart per row.
+
+    One run is one image: processors write each image's placeholders as one block separated by text.
+    """
+    start = image_mask & ~torch.nn.functional.pad(image_mask, (1, 0))[:, :-1]
+    run_id = start.long().cumsum(1) - 1
+    return torch.where(image_mask, run_id, torch.full_like(run_id, -1))
+
+
+def _mask_4d(valid_kv: torch.Tensor, q_len: int, attn_impl: str, dtype: torch.dtype) -> torch.Tensor:
+    """Causal + padding mask ``[B, 1, q, kv]`` for queries that are the last ``q_len`` key slots.
+
+    Every query may also see itself, so pad rows stay finite under SDPA (their outputs are never used).
+    """
+    B, kv = valid_kv.shape
+    dev = valid_kv.device
+    q_idx = torch.arange(kv - q_len, kv, device=dev)[:, None]
+    k_idx = torch.arange(kv, device=dev)[None, :]
+    allowed = (valid_kv[:, None, :] & (k_idx <= q_idx)[None]) | (k_idx == q_idx)[None]
+    allowed = allowed[:, None]
+    if attn_impl == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@torch.no_grad()
+def last_token_attention(layer, hidden: torch.Tensor, cos_sin, valid: torch.Tensor) -> torch.Tensor:
+    """Head-averaged attention ``[B, L]`` of each row's last valid token in ``layer``, given its input.
+
+    Recomputes one query row with the layer's own norm, projections and RoPE, so the layer itself can keep
+    SDPA. Keys are masked to the row's valid slots (all are at or before the last valid token).
+    """
+    attn = layer.self_attn
+    h = layer.input_layernorm(hidden)
+    B, L, _ = h.shape
+    hd = attn.head_dim
+    last = (valid.long() * torch.arange(L, device=h.device)).argmax(1)  # [B]
+    rows = torch.arange(B, device=h.device)
+    cos, sin = cos_sin
+    cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)
+    q = attn.q_proj(h[rows, last]).view(B, -1, hd)  # [B, H, hd]
+    k = attn.k_proj(h).view(B, L, -1, hd).transpose(1, 2)  # [B, Hkv, L, hd]
+    q = q * cos[rows, last][:, None] + _rotate_half(q) * sin[rows, last][:, None]
+    k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention
+    scores = torch.einsum("bhd,bhld->bhl", q.float(), k.float()) * attn.scaling
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    return scores.softmax(-1).mean(1)  # [B, L]
+
+
+def _pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source index ``[B, Lnew]`` of each slot after dropping rows (left padded) and its validity."""
+    lengths = keep.sum(1)
+    new_len = int(lengths.max())
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    slots = torch.arange(new_len, device=keep.device)
+    rank = slots[None, :] - (new_len - lengths)[:, None]
+    valid = rank >= 0
+    return order.gather(1, rank.clamp(min=0)), valid
+
+
+# --------------------------------------------------------------------------------------------------------
+# the patch
+# --------------------------------------------------------------------------------------------------------
+
+
+def install(model, state: PatchState) -> None:
+    """Wrap the language model's decoder layers of ``model`` (LLaVA or LLaVA-NeXT) for FastV / PDrop."""
+    lm = model.model.language_model
+    layers = lm.layers
+    impl = model.config.text_config._attn_implementation
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(
+            f"{state.method} supports the sdpa and eager attention implementations, got {impl!r}; "
+            "load the model with attn_implementation='sdpa'"
+        )
+    stages = stage_plan(state.method, state.budget, len(layers), state.options)
+    by_layer = {s.layer: (i, s) for i, s in enumerate(stages)}
+    score_layers = {s.score_layer for s in stages if s.score_layer != s.layer}
+    image_token_id = model.config.image_token_id
+    state.saved = {"hooks": [], "layers": []}
+
+    def on_model_call(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        empty = cache is None or cache.get_seq_length() == 0
+        mask = None if input_ids is None else input_ids == image_token_id
+        prefill = bool(empty and mask is not None and bool(mask.any()))
+        state.run = _Run(mask if prefill else None, kwargs.get("attention_mask"), prefill)
+
+    def start(run: _Run, hidden: torch.Tensor, kwargs: dict) -> None:
+        B, L, _ = hidden.shape
+        am = run.attention_mask
+        run.valid = torch.ones(B, L, dtype=torch.bool, device=hidden.device) if am is None else am.bool()
+        run.seg = _image_runs(run.image_mask & run.valid)
+        run.orig = torch.arange(L, device=hidden.device).expand(B, L)
+        run.pos = kwargs["position_ids"].expand(B, L)
+        run.n_images = (run.seg.amax(1) + 1).clamp(min=0)
+
+    def drop(i: int, stage_no: int, stage: Stage, hidden: torch.Tensor, kwargs: dict, cache) -> torch.Tensor:
+        run = state.run
+        if stage.score_layer == i:
+            scores = last_token_attention(layers[i], hidden, kwargs["position_embeddings"], run.valid)
+        else:
+            h_in, cos_sin = run.score_input
+            scores = last_token_attention(layers[stage.score_layer], h_in, cos_sin, run.valid)
+        keep = run.valid & (run.seg < 0)
+        for b in range(hidden.shape[0]):
+            for r in range(int(run.n_images[b])):
+                cand = (run.seg[b] == r).nonzero()[:, 0]
+                if cand.numel() == 0:
+                    continue
+                n_orig = int((run.first_seg[b] == r).sum())
+                k = min(cand.numel(), stage.keep(n_orig))
+                top = scores[b, cand].topk(k).indices
+                keep[b, cand[top]] = True
+        src, valid = _pack(keep)
+        lengths = valid.sum(1)
+        hidden = hidden.gather(1, src[..., None].expand(-1, -1, hidden.shape[-1]))
+        run.seg = torch.where(valid, run.seg.gather(1, src), torch.full_like(src, -1))
+        run.orig = torch.where(valid, run.orig.gather(1, src), torch.full_like(src, -1))
+        if state.method == "pdrop":  # compact positions, as the reference renumbers after each drop
+            new_pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+        else:  # FastV keeps each token's original position
+            new_pos = torch.where(valid, run.pos.gather(1, src), torch.zeros_like(src))
+        shift = (
+            run.first_valid.sum(1) - valid.sum(1) if state.method == "pdrop" else torch.zeros_like(lengths)
+        )
+        run.valid, run.pos, run.pruned, run.stage = valid, new_pos, True, stage_no + 1
+        kept = torch.zeros_like(run.first_valid)
+        ok = valid & (run.orig >= 0)
+        kept[torch.arange(kept.shape[0], device=kept.device)[:, None].expand_as(ok)[ok], run.orig[ok]] = True
+        run.kept_slots.append(kept)
+        impl_dtype = hidden.dtype
+        run.kwargs = {
+            "attention_mask": _mask_4d(valid, valid.shape[1], impl, impl_dtype),
+            "position_ids": new_pos,
+            "position_embeddings": lm.rotary_emb(hidden, position_ids=new_pos),
+        }
+        if cache is not None:
+            per_stage = getattr(cache, _CACHE_KEY, {})
+            per_stage[stage_no + 1] = {"valid": valid, "shift": shift}
+            setattr(cache, _CACHE_KEY, per_stage)
+        return hidden
+
+    def decode_kwargs(i: int, stage_no: int, hidden: torch.Tensor, kwargs: dict, cache) -> dict:
+        info = getattr(cache, _CACHE_KEY)[stage_no]
+        B, q = hidden.shape[:2]
+        past = cache.layers[layers[i].self_attn.layer_idx].get_seq_length()
+        extra = past + q - info["valid"].shape[1]
+        valid_kv = torch.cat([info["valid"], info["valid"].new_ones(B, extra)], dim=1)
+        pos = kwargs["position_ids"].expand(B, q) - info["shift"][:, None]
+        return {
+            "attention_mask": _mask_4d(valid_kv, q, impl, hidden.dtype),
+            "position_ids": pos,
+            "position_embeddings": lm.rotary_emb(hidden, position_ids=pos),
+        }
+
+    def wrap(i: int, orig_forward):
+        # stage number of layer i: how many drop points are at or before it
+        stage_of_i = sum(1 for s in stages if s.layer <= i)
+
+        @functools.wraps(orig_forward)
+        def forward(hidden_states, *args, **kwargs):
+            run = getattr(state, "run", None)
+            cache = kwargs.get("past_key_values")
+            if run is not None and run.prefill:
+                if i == 0:
+                    start(run, hidden_states, kwargs)
+                    run.first_seg, run.first_valid = run.seg, run.valid
+                if run.pruned:  # mask / positions / RoPE of the current (packed) stage
+                    kwargs.update(run.kwargs)
+                if i in score_layers:
+                    run.score_input = (hidden_states, kwargs["position_embeddings"])
+                if i in by_layer:
+                    stage_no, stage = by_layer[i]
+                    hidden_states = drop(i, stage_no, stage, hidden_states, kwargs, cache)
+                    kwargs.update(run.kwargs)
+                run.counts.append(((run.seg >= 0) & run.valid).sum(1))
+            elif stage_of_i > 0 and cache is not None and stage_of_i in getattr(cache, _CACHE_KEY, {}):
+                kwargs.update(decode_kwargs(i, stage_of_i, hidden_states, kwargs, cache))
+            return orig_forward(hidden_states, *args, **kwargs)
+
+        return forward
+
+    def on_lm_output(module, args, kwargs, output):
+        run = getattr(state, "run", None)
+        state.run = None  # per call: a later direct call of the language model must not see it
+        if run is None or not run.prefill:
+            return output
+        counts = torch.stack(run.counts, 1)  # [B, layers]
+        n_img = run.n_images.clamp(min=1)[:, None]
+        state.last = {
+            "visual_tokens_per_layer": counts,
+            "equivalent_tokens": (counts.float().mean(1) / n_img[:, 0]).tolist(),
+            "n_images": run.n_images.tolist(),
+            "kept_slots": run.kept_slots,
+            "stage_layers": [s.layer for s in stages],
+        }
+        if not run.pruned:
+            return output
+        h = output.last_hidden_state
+        B, L = run.image_mask.shape
+        full = h.new_zeros(B, L, h.shape[-1])
+        rows = torch.arange(B, device=h.device)[:, None].expand_as(run.orig)
+        ok = run.valid & (run.orig >= 0)
+        full[rows[ok], run.orig[ok]] = h[ok]
+        output.last_hidden_state = full
+        return output
+
+    state.saved["hooks"].append(model.model.register_forward_pre_hook(on_model_call, with_kwargs=True))
+    state.saved["hooks"].append(lm.register_forward_hook(on_lm_output, with_kwargs=True))
+    for i, layer in enumerate(layers):
+        state.saved["layers"].append((layer, layer.__dict__.get("forward")))
+        layer.forward = wrap(i, layer.forward)
+
+
+def uninstall(model, state: PatchState) -> None:
+    """Remove the hooks and layer wrappers ``install`` added."""
+    for h in state.saved.get("hooks", []):
+        h.remove()
+    for layer, previous in state.saved.get("layers", []):
+        if previous is None:
+            layer.__dict__.pop("forward", None)
+        else:
+            layer.__dict__["forward"] = previous
+    state.run = None

@@ -1,0 +1,320 @@
+"""Pre-LLM visual-token pruning for Hugging Face ``LlavaForConditionalGeneration`` (transformers 5.x).
+
+Flow of a patched call (``model(**inputs)`` or ``model.generate(**inputs)``)::
+
+    pixel_values -> vision tower, a pre-hook on layer L's attention recomputes the CLS row
+                 -> features F = hidden_states[vision_feature_layer] (CLS dropped), saliency a [n_img, N]
+                 -> scope.prune(F, a, budget, method)      kept rows in raster order (VisionZip: merged rows)
+                 -> multi_modal_projector(kept rows)       only K rows are projected
+                 -> each image's N <image> placeholders collapsed to K in input_ids / attention_mask
+                 -> original forward/generate with mm_encoder_outputs={"image": ...}: the LLM (SDPA) sees K
+
+``L`` is the layer whose *output* is the feature layer (hidden_states[-2] is the output of layer -2), so the
+saliency is the CLS-query attention of the same layer the features come from, summed over heads, exactly
+what ``output_attentions=True`` would give under eager attention, without switching the tower to eager.
+
+Token accounting: after patching, every image contributes exactly ``min(budget, N)`` tokens to the LLM's
+input; ``model._scope.last`` records the counts of the latest call. ``budget >= N`` (or ``method="none"``)
+reproduces the unpatched logits exactly.
+
+Positions: ``forward`` numbers the collapsed sequence from the attention mask (compact per row, as
+``generate`` and the LLaVA repo do); ``position_ids`` passed together with ``pixel_values`` are replaced,
+since the positions of the dropped placeholders no longer exist.
+
+Shapes the caller sees: ``forward`` returns logits for the *collapsed* sequence (length L - n_img (N - K));
+``generate`` returns the caller's original prompt ids followed by the new tokens, exactly as unpatched, so
+``out[:, inputs.input_ids.shape[1]:]`` still slices off the prompt.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["PatchState", "vision_features", "collapse_placeholders", "install", "uninstall"]
+
+
+@dataclass
+class PatchState:
+    """What ``scope.patch`` attached to a model (``model._scope``)."""
+
+    method: str
+    budget: int | None
+    options: dict[str, Any]
+    family: str  # "llava", "llava_next" or "in_llm"
+    saved: dict[str, Any] = field(default_factory=dict)  # instance attributes to restore on unpatch
+    last: dict[str, Any] = field(default_factory=dict)  # token counts of the latest call
+
+
+# --------------------------------------------------------------------------------------------------------
+# vision side: features + CLS saliency of the feature layer
+# --------------------------------------------------------------------------------------------------------
+
+
+def _feature_layer(model, vision_feature_layer) -> tuple[int, int]:
+    """(hidden_states index, encoder layer index) of the feature layer."""
+    layer = model.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(
+            f"scope.patch supports a single vision_feature_layer, got vision_feature_layer={layer!r}"
+        )
+    layers = _encoder_layers(model)
+    h_idx = layer % (len(layers) + 1)  # hidden_states[0] is the embedding output
+    if h_idx == 0:
+        raise ValueError(f"vision_feature_layer={layer} selects the embeddings, which have no attention")
+    return layer, h_idx - 1
+
+
+def _encoder_layers(model):
+    tower = model.model.vision_tower
+    encoder = getattr(tower, "encoder", None) or getattr(
+        getattr(tower, "vision_model", None), "encoder", None
+    )
+    layers = getattr(encoder, "layers", None)
+    if layers is None or not hasattr(layers[0], "self_attn") or not hasattr(layers[0].self_attn, "k_proj"):
+        raise ValueError(
+            f"scope.patch needs a CLIP-like vision tower (encoder.layers[i].self_attn with q_proj/k_proj); "
+            f"got {type(tower).__name__}"
+        )
+    return layers
+
+
+@torch.no_grad()
+def vision_features(
+    model, pixel_values: torch.Tensor, vision_feature_layer=None, vision_feature_select_strategy=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the vision tower once and return ``(features, saliency, keys)`` for every image/crop.
+
+    features ``[n, N, d]``: ``hidden_states[vision_feature_layer]`` (CLS dropped for strategy "default");
+    saliency ``[n, N]``: softmax(q_cls k^T / sqrt(d_head)) of that layer summed over heads;
+    keys ``[n, N, d_head]``: that layer's attention keys averaged over heads (VisionZip's merge metric).
+    """
+    strategy = vision_feature_select_strategy or model.config.vision_feature_select_strategy
+    layer, attn_layer = _feature_layer(model, vision_feature_layer)
+    attn = _encoder_layers(model)[attn_layer].self_attn
+    got: dict[str, torch.Tensor] = {}
+
+    def cls_row(module, args, kwargs):
+        # recompute only the CLS query row: [n, H, 1, S] instead of the full [n, H, S, S] eager matrix
+        h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        n, S, _ = h.shape
+        heads, hd = module.num_heads, module.head_dim
+        q = module.q_proj(h[:, :1]).view(n, 1, heads, hd).transpose(1, 2)
+        k = module.k_proj(h).view(n, S, heads, hd).transpose(1, 2)
+        probs = torch.softmax((q @ k.transpose(-1, -2)).float() * module.scale, dim=-1)
+        got["saliency"] = probs.sum(1)[:, 0]  # [n, S]
+        got["keys"] = k.mean(1)  # [n, S, hd]
+
+    handle = attn.register_forward_pre_hook(cls_row, with_kwargs=True)
+    try:
+        out = model.model.vision_tower(pixel_values, output_hidden_states=layer, return_dict=True)
+    finally:
+        handle.remove()
+    feats, sal, keys = out.hidden_states[layer], got["saliency"], got["keys"]
+    if strategy == "default":
+        feats, sal, keys = feats[:, 1:], sal[:, 1:], keys[:, 1:]
+    elif strategy != "full":
+        raise ValueError(f"unknown vision_feature_select_strategy={strategy!r}")
+    return feats, sal, keys
+
+
+def select_rows(
+    feats: torch.Tensor, sal: torch.Tensor, keys: torch.Tensor, budget: int, method: str, options: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``[n, K]`` (ascending) and rows ``[n, K, d]`` that enter the projector, via ``scope.prune``."""
+    from scope.select import prune
+
+    n, N, _ = feats.shape
+    if method == "none" or budget >= N:
+        idx = torch.arange(N, device=feats.device).expand(n, N)
+        return idx, feats
+    opts = dict(options)
+    if method == "visionzip" and opts.get("metric") is None:
+        opts["metric"] = keys  # VisionZip assigns contextual tokens by attention-key cosine
+    out = prune(feats, sal, budget, method, **opts)
+    return out.indices, out.features.to(feats.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# text side: collapse N placeholders to K
+# --------------------------------------------------------------------------------------------------------
+
+
+def collapse_placeholders(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    image_token_id: int,
+    counts_in: list[int],
+    counts_out: list[int],
+    labels: torch.Tensor | None = None,
+    pad_token_id: int = 0,
+) -> dict[str, torch.Tensor | None]:
+    """Drop placeholders so that image i (in input order) keeps ``counts_out[i]`` of its ``counts_in[i]``.
+
+    Images are matched to placeholders in row-major order, exactly as ``masked_scatter`` fills them. Rows
+    that lose fewer tokens than the longest-shrinking row are re-padded on the left (mask 0, label -100),
+    so the original padding and the left alignment generation needs are both kept.
+    """
+    B, L = input_ids.shape
+    is_img = input_ids == image_token_id
+    flat = is_img.flatten().nonzero()[:, 0]
+    if flat.numel() != sum(counts_in):
+        raise ValueError(
+            f"input_ids hold {flat.numel()} image tokens but the images need {sum(counts_in)} "
+            f"({len(counts_in)} images); was the prompt built by the model's processor?"
+        )
+    keep = torch.ones(B * L, dtype=torch.bool, device=input_ids.device)
+    start = 0
+    for n_in, n_out in zip(counts_in, counts_out):
+        keep[flat[start + n_out : start + n_in]] = False
+        start += n_in
+    keep = keep.view(B, L)
+    lengths = keep.sum(1)
+    new_len = int(lengths.max())
+    # slot s of row b takes the (s - (new_len - len_b))-th kept token: left re-padding
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept positions first, in order
+    slots = torch.arange(new_len, device=input_ids.device)
+    src_rank = slots[None, :] - (new_len - lengths)[:, None]  # [B, new_len]
+    valid = src_rank >= 0
+    src = order.gather(1, src_rank.clamp(min=0))
+
+    def take(x: torch.Tensor, fill) -> torch.Tensor:
+        return torch.where(valid, x.gather(1, src), torch.full_like(src, fill, dtype=x.dtype))
+
+    mask_in = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    new_mask = take(mask_in, 0)
+    out = {
+        "input_ids": take(input_ids, pad_token_id),
+        "attention_mask": new_mask if (attention_mask is not None or not bool(valid.all())) else None,
+        "labels": take(labels, -100) if labels is not None else None,
+    }
+    return out
+
+
+def positions_from_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Compact positions (0 at each row's first real token), as ``generate`` and the LLaVA repo build them."""
+    if attention_mask is None or bool(attention_mask.bool().all()):
+        return None
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# LLaVA-1.5: encode, prune, project
+# --------------------------------------------------------------------------------------------------------
+
+
+def pruned_image_features(model, state: PatchState, pixel_values, image_sizes=None, **vision_kw):
+    """Projected kept features, one ``[K_i, D]`` tensor per image, and the placeholder counts in/out."""
+    feats, sal, keys = vision_features(model, pixel_values, **vision_kw)
+    n_img, N, _ = feats.shape
+    budget = N if state.budget is None else state.budget
+    idx, rows = select_rows(feats, sal, keys, budget, state.method, state.options)
+    projected = model.model.multi_modal_projector(rows)
+    state.last = {"tokens_per_image": [idx.shape[1]] * n_img, "indices": idx, "n_tokens": N}
+    return list(projected), [N] * n_img, [idx.shape[1]] * n_img
+
+
+def _bind(fn, args, kwargs) -> dict[str, Any]:
+    sig = inspect.signature(fn)
+    bound = sig.bind_partial(*args, **kwargs)
+    out = dict(bound.arguments)
+    out.update(out.pop("kwargs", {}))
+    return out
+
+
+def _prepare(model, state: PatchState, call: dict[str, Any], encode, for_generate: bool) -> dict[str, Any]:
+    """Replace pixel inputs in ``call`` by pruned ``mm_encoder_outputs`` and collapsed ids/mask."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    input_ids = call.get("input_ids")
+    if input_ids is None:
+        raise ValueError("scope.patch needs input_ids (not inputs_embeds) when pixel_values are given")
+    if call.get("mm_encoder_outputs"):
+        raise ValueError("pass either pixel_values or mm_encoder_outputs to a patched model, not both")
+    pixel_values = call.pop("pixel_values")
+    vision_kw = {
+        k: call.pop(k) for k in ("vision_feature_layer", "vision_feature_select_strategy") if k in call
+    }
+    image_sizes = call.pop("image_sizes", None)
+    features, counts_in, counts_out = encode(model, state, pixel_values, image_sizes, **vision_kw)
+    pad = model.config.text_config.pad_token_id
+    new = collapse_placeholders(
+        input_ids,
+        call.get("attention_mask"),
+        model.config.image_token_id,
+        counts_in,
+        counts_out,
+        labels=call.get("labels"),
+        pad_token_id=pad if pad is not None else 0,
+    )
+    call["input_ids"] = new["input_ids"]
+    call["attention_mask"] = new["attention_mask"]
+    if call.get("labels") is not None:
+        call["labels"] = new["labels"]
+    if not for_generate:
+        # the original forward would number positions 0..L-1 and ignore padding; after collapsing, rows may
+        # be re-padded, so positions come from the mask (identical to arange when nothing is padded)
+        call["position_ids"] = positions_from_mask(new["attention_mask"])
+    call["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+    state.last["llm_input_length"] = int(new["input_ids"].shape[1])
+    return call
+
+
+def install(model, state: PatchState, encode=pruned_image_features) -> None:
+    """Wrap ``model.forward`` and ``model.generate`` on the instance (the class stays untouched)."""
+    for name in ("forward", "generate"):
+        state.saved[name] = model.__dict__.get(name)  # an existing instance override (e.g. accelerate)
+    orig_forward, orig_generate = model.forward, model.generate
+
+    @functools.wraps(orig_forward)
+    def forward(*args, **kwargs):
+        call = _bind(orig_forward, args, kwargs)
+        pv = call.get("pixel_values")
+        if pv is None or pv.numel() == 0:
+            return orig_forward(**call)
+        return orig_forward(**_prepare(model, state, call, encode, for_generate=False))
+
+    @functools.wraps(orig_generate)
+    def generate(inputs=None, generation_config=None, **kwargs):
+        pv = kwargs.get("pixel_values")
+        if pv is None or pv.numel() == 0:
+            return orig_generate(inputs, generation_config=generation_config, **kwargs)
+        if inputs is not None:
+            kwargs["input_ids"] = inputs
+        prompt = kwargs["input_ids"]
+        call = _prepare(model, state, kwargs, encode, for_generate=True)
+        if call.get("attention_mask") is None:
+            call.pop("attention_mask")
+        shrink = prompt.shape[1] - call["input_ids"].shape[1]
+        if call.get("max_length") is not None:
+            call["max_length"] -= shrink  # max_length counts the prompt, which just got shorter
+        out = orig_generate(generation_config=generation_config, **call)
+        return _restore_prompt(out, prompt, call["input_ids"].shape[1])
+
+    model.forward = forward
+    model.generate = generate
+
+
+def _restore_prompt(out, prompt: torch.Tensor, collapsed_len: int):
+    """Put the caller's own prompt back in front of the generated tokens."""
+    seq = out if isinstance(out, torch.Tensor) else out.sequences
+    reps = seq.shape[0] // prompt.shape[0]
+    full = torch.cat([prompt.repeat_interleave(reps, 0).to(seq.device), seq[:, collapsed_len:]], dim=1)
+    if isinstance(out, torch.Tensor):
+        return full
+    out.sequences = full
+    return out
+
+
+def uninstall(model, state: PatchState) -> None:
+    """Restore the instance attributes ``install`` replaced."""
+    for name, value in state.saved.items():
+        if value is None:
+            model.__dict__.pop(name, None)
+        else:
+            model.__dict__[name] = value
