@@ -39,6 +39,9 @@ _EXPORTS = {
     "is_patched": "scope.patch",
     "equivalent_tokens": "scope.patch",
     "load": "scope.load",
+    "evaluate": "scope.eval",
+    "sweep": "scope.eval",
+    "paper_table": "scope.report",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

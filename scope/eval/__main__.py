@@ -1,0 +1,130 @@
+"""``python -m scope.eval``: evaluate a (pruned) LLaVA model on SynthBench and the paper's benchmarks.
+
+Examples::
+
+    python -m scope.eval                                           # MiniLLaVA, SCOPE at 64, SynthBench
+    python -m scope.eval --method scope,random --budget 192,64 --tasks synthbench --out results/sweep
+    accelerate launch -m scope.eval --model llava-hf/llava-1.5-7b-hf --method scope --budget 64 \\
+        --tasks gqa,mmbench_en_dev,mme,pope,scienceqa_img,textvqa_val,seedbench --batch-size 16 \\
+        --dtype float16 --out results/llava15-scope-64
+    python -m scope.eval --rescore results/llava15-scope-64       # re-aggregate from the JSONL logs
+
+With one method and one budget ``--out`` is the run directory; with several, ``--out`` holds one run
+directory per combination (``<method>-<budget>``, plus ``none`` for the unpruned model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m scope.eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="hub id or local path (default: the embedded MiniLLaVA)")
+    p.add_argument("--method", default="scope", help="pruning method(s), comma-separated; 'none' = unpruned")
+    p.add_argument("--budget", default="64", help="visual-token budget(s), comma-separated")
+    p.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. alpha=0.5"
+    )
+    p.add_argument("--tasks", default="synthbench", help="comma-separated task names")
+    p.add_argument("--limit", type=int, default=None, help="first N questions per task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, help="e.g. float16, bfloat16 (default: the checkpoint's)")
+    p.add_argument("--out", default=None, help="run directory (default: results/<model>-<method>-<budget>)")
+    p.add_argument("--no-unpruned", action="store_true", help="in a sweep, skip the unpruned run")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--rescore", metavar="RUN_DIR", default=None, help="only recompute results.json of RUN_DIR"
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parse_args(argv)
+    from scope.eval.rundir import rescore, summary_table
+    from scope.eval.runner import evaluate, sweep
+
+    if args.rescore:
+        print(summary_table(rescore(args.rescore)))
+        return 0
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    try:
+        budgets = [int(b) for b in args.budget.split(",") if b.strip()]
+    except ValueError:
+        raise SystemExit(f"--budget={args.budget!r} must be integers separated by commas") from None
+    options = {}
+    for kv in args.option:
+        if "=" not in kv:
+            raise SystemExit(f"--option {kv!r} must look like KEY=VALUE")
+        k, v = kv.split("=", 1)
+        options[k.strip()] = _value(v.strip())
+
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState()
+    kwargs = {}
+    if args.dtype:
+        kwargs["dtype"] = getattr(torch, args.dtype)
+    from scope.load import load
+
+    model, processor = load(args.model, **kwargs)
+    if getattr(model, "hf_device_map", None) is None:
+        model.to(state.device)
+    model.eval()
+
+    common = dict(
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        options=options,
+        model_id=args.model,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    name = Path(args.model).name if args.model else "minillava"
+    if len(methods) == 1 and len(budgets) == 1:
+        out = args.out or f"results/{name}-{methods[0]}-{budgets[0]}"
+        res = evaluate(
+            model, processor, args.tasks, out_dir=out, method=methods[0], budget=budgets[0], **common
+        )
+        if state.is_main_process:
+            print(summary_table(res))
+    else:
+        out = args.out or f"results/{name}-sweep"
+        res = sweep(
+            model,
+            processor,
+            args.tasks,
+            out_root=out,
+            methods=methods,
+            budgets=budgets,
+            include_unpruned=not args.no_unpruned,
+            **common,
+        )
+        if state.is_main_process:
+            from scope.report import paper_layout, to_markdown
+
+            print(to_markdown(paper_layout([Path(out) / k for k in res], ci=False)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

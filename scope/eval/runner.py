@@ -1,0 +1,330 @@
+"""The evaluation loop: prompts -> greedy generation -> per-sample JSONL -> metrics.
+
+:func:`evaluate` runs one configuration (model x method x budget) on a list of tasks into a run directory
+(layout and resume rules: :mod:`scope.eval.rundir`); :func:`sweep` runs many configurations with one loaded
+model.
+
+Under ``accelerate launch`` (or torchrun) every process takes the questions whose index is its rank modulo
+the world size (accelerate's ``PartialState`` gives both), writes its own rank file, and the main process
+merges after a barrier. Tests simulate ranks by passing ``rank`` and ``world_size`` explicitly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scope.eval.generate import build_prompt, generate_answers
+from scope.eval.rundir import (
+    brief_config,
+    git_commit,
+    logged_records,
+    merge_task,
+    model_identity,
+    package_versions,
+    repair_tail,
+    score_records,
+    write_json,
+)
+from scope.eval.tasks import Task, get_task, parse_tasks, prepare
+
+# Fields of config.json that must agree for a resumed run to continue the same experiment.
+_FINGERPRINT = (
+    "model",
+    "revision",
+    "method",
+    "budget",
+    "options",
+    "limit",
+    "seed",
+    "max_new_tokens",
+    "task_kwargs",
+)
+NO_PRUNING = ("none", "vanilla", "full")
+
+
+def _dist(rank: int | None, world_size: int | None):
+    """(rank, world size, PartialState or None). Explicit values simulate ranks without processes."""
+    if rank is not None or world_size is not None:
+        rank, world_size = rank or 0, world_size or 1
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank!r} must be in [0, world_size={world_size!r})")
+        return rank, world_size, None
+    state = partial_state()
+    return state.process_index, state.num_processes, state
+
+
+def partial_state():
+    """accelerate's PartialState; several CPU processes (torchrun / accelerate launch --cpu) get the gloo
+    group, which PartialState only sets up when asked for the CPU explicitly."""
+    from accelerate import PartialState
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or (
+        world > 1 and not torch.cuda.is_available()
+    )
+    return PartialState(cpu=True) if cpu else PartialState()
+
+
+def evaluate(
+    model: Any,
+    processor: Any,
+    tasks: str | Sequence[str] = "synthbench",
+    *,
+    out_dir: str | Path,
+    method: str | None = None,
+    budget: int | None = None,
+    options: dict[str, Any] | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    seed: int = 0,
+    model_id: str | None = None,
+    datasets: dict[str, Any] | None = None,
+    task_kwargs: dict[str, dict] | None = None,
+    overwrite: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate an already loaded model on ``tasks`` and write a run directory at ``out_dir``.
+
+    Args:
+        model, processor: a transformers LLaVA / LLaVA-NeXT model and its processor (e.g. from scope.load()).
+        tasks: names (list or comma-separated): "synthbench", "gqa", "mmbench_en_dev", "mme", "pope",
+            "scienceqa_img", "textvqa_val", "seedbench", "mmmu_val".
+        method, budget, options: pruning for this run. The model is patched with
+            ``scope.patch(model, method, budget, **options)`` for the run and unpatched afterwards; "none"
+            evaluates the unpruned model; None evaluates the model as it is (and records it as given).
+        limit: first ``limit`` questions of every task (SynthBench: a family-balanced prefix).
+        batch_size: prompts per generate() call (left padding).
+        max_new_tokens: generation length (default: the task's, 16 for short answers, 128 for MMMU).
+        seed: torch seed (and SynthBench's) for reproducibility; decoding is greedy.
+        datasets: {task name: dataset} to use instead of loading (offline fixtures, local copies).
+        task_kwargs: {task name: kwargs for its loader}, e.g. {"synthbench": {"image_size": 384}}.
+        overwrite: start afresh even if out_dir holds a run with a different configuration.
+        rank, world_size: simulate one process of a multi-process run (default: accelerate's PartialState).
+
+    Returns the dict written to results.json (only complete on the main process).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be >= 1")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be >= 1")
+    task_list = parse_tasks(tasks)
+    datasets = {get_task(k).name: v for k, v in (datasets or {}).items()}
+    task_kwargs = task_kwargs or {}
+    out_dir = Path(out_dir)
+    rank, world_size, state = _dist(rank, world_size)
+    is_main = rank == 0
+
+    name, revision = model_identity(model, model_id)
+    patched = getattr(model, "__dict__", {}).get("_scope")
+    if method is None and patched is not None:  # record what the model was patched with (e.g. by scope.load)
+        method, budget, options = patched.method, patched.budget, dict(patched.options)
+    config = {
+        "model": name,
+        "revision": revision,
+        "method": method,
+        "budget": budget if method not in NO_PRUNING else None,
+        "options": dict(options or {}),
+        "limit": limit,
+        "seed": seed,
+        "max_new_tokens": max_new_tokens,
+        "task_kwargs": task_kwargs,
+        "tasks": [t.name for t in task_list],
+        "batch_size": batch_size,
+        "world_size": world_size,
+        "dtype": str(getattr(model, "dtype", "")),
+        "device": str(getattr(model, "device", "")),
+        "model_class": type(model).__name__,
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    cfg_path = out_dir / "config.json"
+    if cfg_path.exists() and not overwrite:
+        old = json.loads(cfg_path.read_text())
+        diff = {
+            k: (old.get(k), config[k])
+            for k in _FINGERPRINT
+            if old.get(k) != json.loads(json.dumps(config[k], default=str))
+        }
+        if diff:
+            raise ValueError(
+                f"out_dir={str(out_dir)!r} holds a run with another configuration {diff}; use a new out_dir or overwrite=True"
+            )
+        config["tasks"] = list(dict.fromkeys(old.get("tasks", []) + config["tasks"]))
+        config["started"] = old.get("started", config["started"])
+        config["resumed"] = old.get("resumed", 0) + 1
+    if is_main:
+        (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for p in (out_dir / "samples").glob("*.jsonl"):
+                p.unlink()
+        write_json(cfg_path, config)
+    if state is not None:
+        state.wait_for_everyone()
+    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(seed)
+    results: dict[str, Any] = {"config": brief_config(config), "tasks": {}}
+    t0 = time.perf_counter()
+    with _pruning(model, method, budget, options or {}):
+        for task in task_list:
+            if task.name in datasets:
+                docs = prepare(task, datasets[task.name], limit)
+            else:
+                docs = task.load(limit=limit, seed=seed, **task_kwargs.get(task.name, {}))
+            n = len(docs)
+            done = set(logged_records(out_dir, task.name))
+            # Shard the full index range, not the remaining list: every process then agrees on who owns which
+            # question whatever the others have already logged, and a resume with another world size still
+            # covers every index exactly once.
+            mine = [i for i in range(rank, n, world_size) if i not in done]
+            _run_task(
+                model,
+                processor,
+                task,
+                docs,
+                mine,
+                out_dir,
+                rank,
+                batch_size,
+                max_new_tokens,
+                progress and is_main,
+            )
+            if state is not None:
+                state.wait_for_everyone()
+            if is_main:
+                recs = merge_task(out_dir, task.name)
+                results["tasks"][task.name] = score_records(task, recs, n)
+                _add_equivalent_tokens(results["tasks"][task.name], model, method, budget, options or {})
+    results["elapsed_s"] = round(time.perf_counter() - t0, 2)
+    if is_main:
+        # keep tasks of earlier calls into the same directory
+        old = (
+            json.loads((out_dir / "results.json").read_text()) if (out_dir / "results.json").exists() else {}
+        )
+        results["tasks"] = {**old.get("tasks", {}), **results["tasks"]}
+        write_json(out_dir / "results.json", results)
+    return results
+
+
+def _add_equivalent_tokens(
+    entry: dict, model: Any, method: str | None, budget: int | None, options: dict
+) -> None:
+    """In-LLM methods (FastV, PDrop) feed the LLM every visual token and drop them inside it: also record the
+    layer-averaged visual-token count they amount to, the number the paper compares across methods."""
+    from scope.patch import IN_LLM_METHODS, equivalent_tokens
+
+    if method not in IN_LLM_METHODS or entry.get("mean_kept_tokens") is None:
+        return
+    cfg = getattr(model.config, "text_config", model.config)
+    n_visual = round(entry["mean_kept_tokens"])
+    entry["equivalent_tokens"] = equivalent_tokens(method, budget, n_visual, cfg.num_hidden_layers, **options)
+
+
+@contextlib.contextmanager
+def _pruning(model: Any, method: str | None, budget: int | None, options: dict):
+    from scope.patch import is_patched, patch, unpatch
+
+    if method is None or (
+        is_patched(model)
+        and (model._scope.method, model._scope.budget, model._scope.options) == (method, budget, options)
+    ):
+        yield  # as given (already patched as asked, or not asked to change anything)
+        return
+
+    # a model from scope.load(method=...) arrives patched: switch for this run, restore afterwards
+    before = model._scope if is_patched(model) else None
+    unpatch(model)
+    try:
+        if method in NO_PRUNING:
+            yield
+        else:
+            patch(model, method=method, budget=budget, **options)
+            try:
+                yield
+            finally:
+                unpatch(model)
+    finally:
+        if before is not None:
+            patch(model, method=before.method, budget=before.budget, **before.options)
+
+
+def _run_task(
+    model,
+    processor,
+    task: Task,
+    docs,
+    todo: list[int],
+    out_dir: Path,
+    rank: int,
+    batch_size: int,
+    max_new_tokens,
+    progress: bool,
+) -> None:
+    from tqdm.auto import tqdm
+
+    path = out_dir / "samples" / f"{task.name}.rank{rank}.jsonl"
+    repair_tail(path)
+    mnt = max_new_tokens or task.max_new_tokens
+    bar = tqdm(total=len(todo), desc=task.name, disable=not progress, unit="q")
+    with path.open("a") as f:
+        for start in range(0, len(todo), batch_size):
+            idxs = todo[start : start + batch_size]
+            batch = [docs[i] for i in idxs]
+            imgs = [task.images(d) for d in batch]
+            questions = [task.prompt(d) for d in batch]
+            prompts = [build_prompt(processor, q, len(im)) for q, im in zip(questions, imgs)]
+            preds, kept = generate_answers(model, processor, prompts, imgs, mnt)
+            for i, d, q, p, k in zip(idxs, batch, prompts, preds, kept):
+                rec = {
+                    "idx": i,
+                    "qid": task.qid(d) or f"{task.name}-{i}",
+                    "prompt": q,
+                    "prediction": p,
+                    "answer": task.target(d),
+                }
+                rec.update(task.score(d, p))
+                rec["kept_tokens"] = k
+                rec.setdefault(task.unit, i)  # the bootstrap unit defaults to the sample itself
+                f.write(json.dumps(rec, default=str) + "\n")
+            f.flush()  # a crash loses at most the batch in flight
+            bar.update(len(idxs))
+    bar.close()
+
+
+def sweep(
+    model: Any,
+    processor: Any,
+    tasks: str | Sequence[str] = "synthbench",
+    *,
+    out_root: str | Path,
+    methods: Sequence[str] = ("scope",),
+    budgets: Sequence[int] = (64,),
+    include_unpruned: bool = True,
+    **kwargs: Any,
+) -> dict[str, dict]:
+    """Evaluate every method x budget (plus the unpruned model once) with one loaded model.
+
+    Re-patching a loaded model takes milliseconds, reloading it takes seconds to minutes: notebooks sweep
+    through this. Each combination gets its own run directory ``out_root/<method>-<budget>`` (``none`` for
+    the unpruned one), so interrupted sweeps resume per combination. Returns {run name: results}.
+    """
+    out_root = Path(out_root)
+    runs: list[tuple[str, str, int | None]] = [("none", "none", None)] if include_unpruned else []
+    runs += [(f"{m}-{b}", m, b) for m in methods if m not in NO_PRUNING for b in budgets]
+    out = {}
+    for name, m, b in runs:
+        out[name] = evaluate(model, processor, tasks, out_dir=out_root / name, method=m, budget=b, **kwargs)
+    return out
