@@ -124,14 +124,28 @@ def _powered_saliency(saliency: torch.Tensor, alpha: float) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------
 
 
-def cosine_similarity_matrix(features: torch.Tensor) -> torch.Tensor:
+def cosine_similarity_matrix(features: torch.Tensor, block: int = 768) -> torch.Tensor:
     """Cosine similarity ``[..., N, N]`` of the rows of ``features [..., N, d]``.
 
-    Zero-norm rows get similarity 0 to everything (no NaN). A matrix product need not be symmetric to the
-    last bit, so both greedy implementations read rows only: the gain of v sums ``S[v, u]`` over u.
+    Zero-norm rows get similarity 0 to everything (no NaN). Above ``block`` tokens only the blocks on and
+    above the diagonal are multiplied and the rest is mirrored, which saves ~40% of the work at N = 2880.
+    Both greedy implementations read rows only (the gain of v sums ``S[v, u]`` over u), so they agree to
+    the last bit whatever the rounding of the product.
     """
     unit = F.normalize(features, dim=-1, eps=1e-12)
-    return unit @ unit.transpose(-1, -2)
+    n = unit.shape[-2]
+    if n <= block:
+        return unit @ unit.transpose(-1, -2)
+    nb = math.ceil(n / block)
+    step = math.ceil(n / nb)  # equal blocks: N = 2880 -> 4 blocks of 720
+    sim = unit.new_empty(*unit.shape[:-2], n, n)
+    for i in range(0, n, step):
+        for j in range(i, n, step):
+            blk = unit[..., i : i + step, :] @ unit[..., j : j + step, :].transpose(-1, -2)
+            sim[..., i : i + step, j : j + step] = blk
+            if j != i:
+                sim[..., j : j + step, i : i + step] = blk.transpose(-1, -2)
+    return sim
 
 
 def _row_gains(rows: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
@@ -197,59 +211,80 @@ def scope_greedy_fast(
     alpha: float = 1.0,
     combine: str = "mul",
     candidates: int = 8,
+    dense_limit: int = 2**20,
 ) -> torch.Tensor:
     """Exact SCOPE by batched lazy greedy; same picks as :func:`scope_greedy_reference`.
 
     Keeps an upper bound of every token's score (its last exactly computed score; gains only shrink).
     Each step rescores, for all samples at once, the ``candidates`` tokens with the highest bounds and
-    accepts the best exact score if it beats the next bound. A sample where it does not (rare) rescores
-    every token whose bound still reaches the best score, so ties go to the lowest index as in the
-    reference.
+    accepts the best exact score if it beats the next bound. A sample where it does not rescores every
+    token whose bound still reaches the best score, so ties go to the lowest index as in the reference.
+    When bounds go stale together (near-uniform saliency on unstructured features) and a step had to
+    rescore a quarter of the tokens, the next steps rescore all tokens at once, as the reference does.
+    Small problems (``B * N * N <= dense_limit``, e.g. one 576-token image) go to the reference loop:
+    there one pass over the N x N matrix costs less than the bookkeeping of a lazy step.
     """
     B, N, _ = features.shape
+    if B * N * N <= dense_limit:
+        return scope_greedy_reference(features, saliency, budget, alpha=alpha, combine=combine)
     device = features.device
     weight = _scope_weight(saliency, (B, N), features, alpha, combine)
     sim = cosine_similarity_matrix(features)  # [B, N, N]
     cover = torch.zeros(B, N, dtype=sim.dtype, device=device)
-    bound = _combine(_row_gains(sim, cover), weight, combine)  # exact for T = {}
+    picked = torch.zeros(B, N, dtype=torch.bool, device=device)
+    bound = torch.empty(B, N, dtype=sim.dtype, device=device)
     rows_b = torch.arange(B, device=device)
     flat = sim.view(B * N, N)  # row (b, v) of sim is row b * N + v: index_select copies rows fast
     m = max(2, min(candidates, N - 1))  # >= 2 rows per call keeps the reduction kernel (and its order) fixed
     m_min, m_max = m, max(m, min(N - 1, 256))
+    offsets = rows_b * N
+    dense_left = [0] * B  # per sample: dense steps still to do
     picks = torch.empty(B, budget, dtype=torch.long, device=device)
 
     for step in range(budget):
-        if step == 0 or N - step <= m + 1:
-            # first step: the bounds are exact; last few steps: rescoring everything is as cheap
-            if step > 0:
-                bound = _combine(_row_gains(sim, cover), weight, combine).masked_fill_(
-                    bound == -torch.inf, -torch.inf
-                )
+        if step == 0 or N - step <= m + 1 or min(dense_left) > 0:
+            # exact scores of every token: the first step, the last few, and stretches of stale bounds
+            bound = _combine(_row_gains(sim, cover), weight, combine).masked_fill_(picked, -torch.inf)
             best = bound.argmax(-1)
+            dense_left = [d - 1 for d in dense_left]
         else:
             top_val, cand = bound.topk(m + 1, dim=-1)  # m candidates + the best bound left out
             cand, next_bound = cand[:, :m], top_val[:, m]
-            rows = flat.index_select(0, (cand + rows_b[:, None] * N).flatten()).view(B, m, N)
+            # more than m + 1 tokens are left, all with finite bounds: no picked token is a candidate
+            rows = flat.index_select(0, (cand + offsets[:, None]).flatten()).view(B, m, N)
             exact = _combine(_row_gains(rows, cover), weight.gather(1, cand), combine)
-            exact.masked_fill_(top_val[:, :m] == -torch.inf, -torch.inf)  # picked tokens stay out
             bound.scatter_(1, cand, exact)
             best_val = exact.max(-1).values
             best = torch.where(exact == best_val[:, None], cand, N).min(-1).values  # lowest index on ties
-            unsettled = (best_val <= next_bound).nonzero().flatten().tolist()
-            for b in unsettled:
-                best[b] = _settle(sim[b], cover[b], weight[b], bound[b], cand[b], best_val[b], combine)
-            # adapt the number of candidates: bounds that go stale together need a wider first look
+            unsettled = set((best_val <= next_bound).nonzero().flatten().tolist())
+            for b in range(B):
+                if dense_left[b] > 0:  # this sample rescores everything for a while
+                    bound[b] = _combine(_row_gains(sim[b], cover[b]), weight[b], combine).masked_fill_(
+                        picked[b], -torch.inf
+                    )
+                    best[b] = bound[b].argmax()
+                    dense_left[b] -= 1
+                elif b in unsettled:
+                    best[b], n = _settle(sim[b], cover[b], weight[b], bound[b], cand[b], best_val[b], combine)
+                    if (m + n) * 4 > N:  # its bounds go stale together: a few dense steps are cheaper
+                        dense_left[b] = 8
+            # bounds that go stale together need a wider first look
             m = min(m_max, 2 * m) if unsettled else max(m_min, (3 * m) // 4)
         picks[:, step] = best
-        bound[rows_b, best] = -torch.inf
-        cover = torch.maximum(cover, flat.index_select(0, best + rows_b * N))
+        picked.scatter_(1, best[:, None], True)
+        bound.scatter_(1, best[:, None], -torch.inf)
+        cover = torch.maximum(cover, flat.index_select(0, best + offsets))
     return picks.sort(-1).values
 
 
-def _settle(sim, cover, weight, bound, fresh_idx, best_val, combine) -> int:
-    """Exact argmax for one sample whose stale bounds still reach the best fresh score (updates bound)."""
+def _settle(sim, cover, weight, bound, fresh_idx, best_val, combine) -> tuple[int, int]:
+    """Exact argmax for one sample whose stale bounds still reach the best fresh score (updates bound).
+
+    Returns the pick and how many extra rows were rescored.
+    """
     fresh = torch.zeros_like(bound, dtype=torch.bool)
     fresh[fresh_idx] = True
+    rescored = 0
     while True:
         stale = ((bound >= best_val) & ~fresh).nonzero().flatten()
         if stale.numel() == 0:
@@ -258,12 +293,10 @@ def _settle(sim, cover, weight, bound, fresh_idx, best_val, combine) -> int:
         exact = _combine(_row_gains(sim.index_select(0, idx), cover), weight[idx], combine)
         bound[idx] = exact
         fresh[idx] = True
+        rescored += stale.numel()
         best_val = torch.maximum(best_val, exact.max())
-    return int(
-        torch.where(
-            fresh & (bound == best_val), torch.arange(bound.numel(), device=bound.device), bound.numel()
-        ).min()
-    )
+    index = torch.arange(bound.numel(), device=bound.device)
+    return int(torch.where(fresh & (bound == best_val), index, bound.numel()).min()), rescored
 
 
 def _scope(features, saliency, budget, alpha: float = 1.0, combine: str = "mul", impl: str = "fast"):

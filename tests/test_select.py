@@ -77,7 +77,7 @@ def test_fast_greedy_picks_exactly_what_the_reference_picks(dtype, data, combine
             sal[:, :4] = sal[:, 10:14]
         for k in (1, 3, n // 4, n - 2, n):
             ref = scope_greedy_reference(feats, sal, k, combine=combine)
-            fast = scope_greedy_fast(feats, sal, k, combine=combine)
+            fast = scope_greedy_fast(feats, sal, k, combine=combine, dense_limit=0)  # force the lazy path
             assert torch.equal(ref, fast), (seed, k)
             assert torch.equal(scope.select(feats, sal, k, impl="reference", combine=combine), ref)
 
@@ -86,6 +86,9 @@ def test_fast_greedy_matches_reference_at_llava_size():
     feats = clustered(2, 576, 64, k=20, noise=0.5, seed=3)
     sal = (3 * torch.randn(2, 576, generator=torch.Generator().manual_seed(1))).softmax(-1)
     assert torch.equal(scope_greedy_reference(feats, sal, 64), scope_greedy_fast(feats, sal, 64))
+    assert torch.equal(
+        scope_greedy_reference(feats, sal, 64), scope_greedy_fast(feats, sal, 64, dense_limit=0)
+    )
 
 
 def test_ties_go_to_the_first_index_like_argmax():
@@ -94,6 +97,7 @@ def test_ties_go_to_the_first_index_like_argmax():
     sal = torch.ones(1, 10)
     for impl in ("reference", "fast"):
         assert scope.select(feats, sal, 4, impl=impl).tolist() == [[0, 1, 2, 3]]
+    assert scope_greedy_fast(feats, sal, 4, dense_limit=0).tolist() == [[0, 1, 2, 3]]
     # two identical copies of the best token: the first copy wins, as torch.argmax would pick it
     feats, sal = inputs(b=1, n=30, d=8, seed=5)
     best = int(scope.select(feats, sal, 1, impl="reference")[0, 0])
@@ -101,6 +105,7 @@ def test_ties_go_to_the_first_index_like_argmax():
     first = min(2, best)
     for impl in ("reference", "fast"):
         assert int(scope.select(feats, sal, 1, impl=impl)[0, 0]) == first
+    assert int(scope_greedy_fast(feats, sal, 2, dense_limit=0)[0, 0]) == first
     assert saliency_argmax_is_first()
 
 
