@@ -386,10 +386,8 @@ def _divprune(features, saliency, budget):
     for _ in range(budget - 1):
         v = mind.argmax(-1)
         picks.append(v)
-        mind = torch.minimum(mind, dist[rows_b, v])
+        mind = torch.minimum(mind, dist[rows_b, v])  # kept tokens stay at -inf: never picked again
         mind[rows_b, v] = float("-inf")
-        for p in picks:  # kept tokens never come back (distance 0 to themselves would do, ties aside)
-            mind[rows_b, p] = float("-inf")
     return torch.stack(picks, -1).sort(-1).values
 
 
