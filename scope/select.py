@@ -230,6 +230,8 @@ def scope_greedy_fast(
     device = features.device
     weight = _scope_weight(saliency, (B, N), features, alpha, combine)
     sim = cosine_similarity_matrix(features)  # [B, N, N]
+    if B == 1:
+        return _lazy_greedy_single(sim[0], weight[0], budget, combine, candidates).unsqueeze(0)
     cover = torch.zeros(B, N, dtype=sim.dtype, device=device)
     picked = torch.zeros(B, N, dtype=torch.bool, device=device)
     bound = torch.empty(B, N, dtype=sim.dtype, device=device)
@@ -275,6 +277,40 @@ def scope_greedy_fast(
         bound.scatter_(1, best[:, None], -torch.inf)
         cover = torch.maximum(cover, flat.index_select(0, best + offsets))
     return picks.sort(-1).values
+
+
+def _lazy_greedy_single(sim, weight, budget: int, combine: str, candidates: int = 8) -> torch.Tensor:
+    """The lazy greedy of :func:`scope_greedy_fast` for one sample, with the bookkeeping in Python.
+
+    One image is the common case inside a model; per step it issues a handful of tensor operations (the
+    batched loop needs about twenty), which matters when a step's arithmetic takes microseconds.
+    """
+    N = sim.shape[0]
+    cover = torch.zeros(N, dtype=sim.dtype, device=sim.device)
+    bound = _combine(_row_gains(sim, cover), weight, combine)  # exact for T = {}
+    m = max(2, min(candidates, N - 1))
+    picks: list[int] = []
+    for step in range(budget):
+        if step == 0 or N - step <= m + 1:
+            v = int(bound.argmax())
+        else:
+            top_val, cand = bound.topk(m + 1)  # more than m + 1 tokens left: no picked token among them
+            cand = cand[:m]
+            exact = _combine(_row_gains(sim.index_select(0, cand), cover), weight[cand], combine)
+            bound[cand] = exact
+            ex, ci = exact.tolist(), cand.tolist()
+            best_val = max(ex)
+            v = min(c for c, e in zip(ci, ex) if e == best_val)  # the lowest index among equal scores
+            if not best_val > float(top_val[m]):  # an unscored bound still reaches it: settle exactly
+                v, _ = _settle(sim, cover, weight, bound, cand, exact.max(), combine)
+        picks.append(v)
+        bound[v] = -torch.inf
+        cover = torch.maximum(cover, sim[v])
+        if step + 1 < budget and N - step - 1 <= m + 1:
+            bound = _combine(_row_gains(sim, cover), weight, combine).index_fill_(
+                0, torch.tensor(picks, device=sim.device), -torch.inf
+            )
+    return torch.tensor(sorted(picks), dtype=torch.long, device=sim.device)
 
 
 def _settle(sim, cover, weight, bound, fresh_idx, best_val, combine) -> tuple[int, int]:

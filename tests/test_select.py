@@ -79,6 +79,8 @@ def test_fast_greedy_picks_exactly_what_the_reference_picks(dtype, data, combine
             ref = scope_greedy_reference(feats, sal, k, combine=combine)
             fast = scope_greedy_fast(feats, sal, k, combine=combine, dense_limit=0)  # force the lazy path
             assert torch.equal(ref, fast), (seed, k)
+            one = scope_greedy_fast(feats[1:2], sal[1:2], k, combine=combine, dense_limit=0)  # 1-sample loop
+            assert torch.equal(ref[1:2], one), (seed, k)
             assert torch.equal(scope.select(feats, sal, k, impl="reference", combine=combine), ref)
 
 
