@@ -124,11 +124,11 @@ def _powered_saliency(saliency: torch.Tensor, alpha: float) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------
 
 
-def cosine_similarity_matrix(features: torch.Tensor, block: int = 768) -> torch.Tensor:
+def cosine_similarity_matrix(features: torch.Tensor, block: int = 384) -> torch.Tensor:
     """Cosine similarity ``[..., N, N]`` of the rows of ``features [..., N, d]``.
 
     Zero-norm rows get similarity 0 to everything (no NaN). Above ``block`` tokens only the blocks on and
-    above the diagonal are multiplied and the rest is mirrored, which saves ~40% of the work at N = 2880.
+    above the diagonal are multiplied and the rest is mirrored (N = 2880: 8 blocks of 360, 56% of the work).
     Both greedy implementations read rows only (the gain of v sums ``S[v, u]`` over u), so they agree to
     the last bit whatever the rounding of the product.
     """
@@ -137,7 +137,7 @@ def cosine_similarity_matrix(features: torch.Tensor, block: int = 768) -> torch.
     if n <= block:
         return unit @ unit.transpose(-1, -2)
     nb = math.ceil(n / block)
-    step = math.ceil(n / nb)  # equal blocks: N = 2880 -> 4 blocks of 720
+    step = math.ceil(n / nb)  # equal blocks
     sim = unit.new_empty(*unit.shape[:-2], n, n)
     for i in range(0, n, step):
         for j in range(i, n, step):
