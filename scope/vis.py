@@ -1,0 +1,643 @@
+"""Pictures for the notebooks: kept tokens over an image, coverage and attention-skew curves, result tables.
+
+Every figure goes through :func:`save_figure` (PNG for the README, PDF for print) and every table through
+:func:`save_table` (CSV for machines, Markdown for people). Both stamp the figure/table with a ``source``
+line (which model, which data, how many samples) so a picture lifted out of the repo still says what made
+it. Colours come from seaborn's colour-blind-safe palette with one fixed colour per method, so SCOPE is
+the same colour in every figure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.patches import Rectangle
+
+# Method name (as in scope.METHODS / the runner) -> how figures and tables print it.
+METHOD_LABELS: dict[str, str] = {
+    "none": "All tokens",
+    "scope": "SCOPE",
+    "coverage": "Coverage-only",
+    "saliency": "Saliency-only",
+    "random": "Random",
+    "uniform": "Uniform grid",
+    "divprune": "DivPrune",
+    "visionzip": "VisionZip",
+    "fastv": "FastV",
+    "pdrop": "PDrop",
+    "sparsevlm": "SparseVLM",
+}
+# A fixed slot in the colour-blind palette per method: the colour of a method never depends on which other
+# methods share the plot. SCOPE gets the strongest blue, the all-token reference black.
+_COLOR_SLOT = {
+    "scope": 0,
+    "saliency": 1,
+    "coverage": 2,
+    "random": 7,
+    "visionzip": 3,
+    "divprune": 4,
+    "uniform": 5,
+    "fastv": 8,
+    "pdrop": 9,
+    "sparsevlm": 6,
+}
+_MARKERS = {
+    "scope": "o",
+    "saliency": "s",
+    "coverage": "^",
+    "random": "X",
+    "visionzip": "D",
+    "divprune": "v",
+    "uniform": "P",
+    "fastv": "<",
+    "pdrop": ">",
+    "none": "*",
+}
+
+
+def set_style(context: str = "notebook") -> None:
+    """Seaborn theme used by every figure: white grid, colour-blind palette, fonts readable in print."""
+    sns.set_theme(context=context, style="whitegrid", palette="colorblind", font_scale=1.0)
+    plt.rcParams.update(
+        {
+            "figure.dpi": 110,
+            "savefig.dpi": 200,
+            "savefig.bbox": "tight",
+            "axes.titleweight": "bold",
+            "legend.frameon": True,
+            "pdf.fonttype": 42,  # embed TrueType so PDF text stays editable/searchable
+        }
+    )
+
+
+def method_label(method: str) -> str:
+    """Printable name of a method ("scope" -> "SCOPE"); unknown names are returned unchanged."""
+    return METHOD_LABELS.get(method, method)
+
+
+def method_colors(methods: Iterable[str] | None = None) -> dict[str, tuple[float, float, float]]:
+    """A colour per method, stable across figures. Unknown methods take the free palette slots in order."""
+    methods = list(METHOD_LABELS) if methods is None else list(methods)
+    palette = sns.color_palette("colorblind", 10)
+    colors: dict[str, tuple[float, float, float]] = {}
+    free = [i for i in range(10) if i not in _COLOR_SLOT.values()]
+    for m in methods:
+        if m == "none":
+            colors[m] = (0.0, 0.0, 0.0)
+        elif m in _COLOR_SLOT:
+            colors[m] = tuple(palette[_COLOR_SLOT[m]])
+        else:
+            slot = free.pop(0) if free else len(colors) % 10
+            colors[m] = tuple(palette[slot])
+    return colors
+
+
+def method_markers(methods: Iterable[str]) -> dict[str, str]:
+    """A marker per method (shape as well as colour, so curves stay apart in grey-scale print)."""
+    methods = list(methods)
+    used = {_MARKERS[m] for m in methods if m in _MARKERS}
+    spare = iter([m for m in "hpd8H*o" if m not in used])
+    return {m: _MARKERS.get(m) or next(spare, "o") for m in methods}
+
+
+def token_grid(n_tokens: int) -> tuple[int, int]:
+    """(rows, cols) of a square token grid with ``n_tokens`` cells (576 -> (24, 24))."""
+    side = math.isqrt(int(n_tokens))
+    if side * side != n_tokens or n_tokens <= 0:
+        raise ValueError(f"n_tokens={n_tokens} is not a square number; pass grid=(rows, cols)")
+    return side, side
+
+
+def _as_grid(grid: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(grid, int):
+        return token_grid(grid)
+    rows, cols = grid
+    if rows <= 0 or cols <= 0:
+        raise ValueError(f"grid={grid} must have positive rows and cols")
+    return int(rows), int(cols)
+
+
+def _as_index_array(kept, n_cells: int) -> np.ndarray:
+    kept = np.asarray(kept.cpu() if hasattr(kept, "cpu") else kept).reshape(-1).astype(np.int64)
+    if kept.size and (kept.min() < 0 or kept.max() >= n_cells):
+        raise ValueError(f"kept indices must lie in [0, {n_cells}); got min {kept.min()}, max {kept.max()}")
+    return kept
+
+
+def _as_image_array(image) -> np.ndarray:
+    """PIL image / HxW(x3) array / CxHxW tensor -> float HxWx3 array in [0, 1]."""
+    if hasattr(image, "convert"):  # PIL
+        arr = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+    else:
+        arr = np.asarray(image.cpu() if hasattr(image, "cpu") else image, dtype=np.float64)
+        if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+            arr = arr.transpose(1, 2, 0)  # CHW -> HWC
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        if arr.ndim != 3:
+            raise ValueError(f"image must be HxW, HxWxC or CxHxW; got shape {arr.shape}")
+        if arr.shape[-1] == 1:
+            arr = np.repeat(arr, 3, axis=-1)
+        if arr.max() > 1.0:
+            arr = arr / 255.0
+    return np.clip(arr[..., :3], 0.0, 1.0)
+
+
+def kept_mask(kept, grid: int | tuple[int, int]) -> np.ndarray:
+    """Boolean (rows, cols) map of the kept tokens (raster order, as the vision tower lays them out)."""
+    rows, cols = _as_grid(grid)
+    mask = np.zeros(rows * cols, dtype=bool)
+    mask[_as_index_array(kept, rows * cols)] = True
+    return mask.reshape(rows, cols)
+
+
+def _cell_map(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour upsampling of a (rows, cols) map to an (H, W) image (cells may be uneven)."""
+    rows, cols = values.shape
+    h, w = shape
+    r = np.minimum(np.arange(h) * rows // h, rows - 1)
+    c = np.minimum(np.arange(w) * cols // w, cols - 1)
+    return values[r][:, c]
+
+
+def dim_dropped(image, kept, grid: int | tuple[int, int], dim: float = 0.3) -> np.ndarray:
+    """The image with the pixels of dropped tokens scaled by ``dim``; kept tokens' pixels are unchanged."""
+    if not 0.0 <= dim <= 1.0:
+        raise ValueError(f"dim={dim} must lie in [0, 1]")
+    arr = _as_image_array(image)
+    keep = _cell_map(kept_mask(kept, grid), arr.shape[:2])
+    return np.where(keep[..., None], arr, arr * dim)
+
+
+def draw_kept_tokens(
+    image,
+    kept,
+    grid: int | tuple[int, int],
+    ax: plt.Axes | None = None,
+    title: str | None = None,
+    color=None,
+    dim: float = 0.3,
+) -> plt.Axes:
+    """Draw ``image`` with dropped tokens darkened and kept tokens outlined (Fig. 1a / 5 of the paper).
+
+    ``kept`` are token indices in raster order of a ``grid`` (int N for a square grid, or (rows, cols)).
+    """
+    ax = ax or plt.gca()
+    arr = dim_dropped(image, kept, grid, dim)
+    h, w = arr.shape[:2]
+    rows, cols = _as_grid(grid)
+    ax.imshow(arr, extent=(0, w, h, 0), interpolation="nearest")
+    edge = color if color is not None else "white"
+    for idx in _as_index_array(kept, rows * cols):
+        r, c = divmod(int(idx), cols)
+        ax.add_patch(
+            Rectangle(
+                (c * w / cols, r * h / rows), w / cols, h / rows, fill=False, lw=0.6, ec=edge, alpha=0.9
+            )
+        )
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def draw_token_map(
+    image,
+    values,
+    grid: int | tuple[int, int],
+    ax: plt.Axes | None = None,
+    title: str | None = None,
+    cmap: str = "magma",
+    alpha: float = 0.65,
+    label: str | None = None,
+    gamma: float = 1.0,
+) -> plt.Axes:
+    """Overlay a per-token value map (e.g. CLS attention) on ``image``, with a colour bar labelled ``label``.
+
+    ``gamma`` < 1 stretches small values (a power-law colour scale), useful for very skewed maps.
+    """
+    from matplotlib.colors import PowerNorm
+
+    ax = ax or plt.gca()
+    rows, cols = _as_grid(grid)
+    values = np.asarray(values.cpu() if hasattr(values, "cpu") else values, dtype=np.float64).reshape(-1)
+    if values.size != rows * cols:
+        raise ValueError(f"values has {values.size} entries, grid {rows}x{cols} needs {rows * cols}")
+    arr = _as_image_array(image)
+    h, w = arr.shape[:2]
+    ax.imshow(arr, extent=(0, w, h, 0))
+    norm = PowerNorm(gamma, vmin=0.0, vmax=float(values.max())) if gamma != 1.0 else None
+    im = ax.imshow(values.reshape(rows, cols), extent=(0, w, h, 0), cmap=cmap, alpha=alpha, norm=norm)
+    cbar = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    if label:
+        cbar.set_label(label)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_kept_tokens(
+    image,
+    selections: Mapping[str, object],
+    grid: int | tuple[int, int],
+    ncols: int | None = None,
+    panel_size: float = 2.8,
+    show_original: bool = True,
+    titles: Mapping[str, str] | None = None,
+) -> plt.Figure:
+    """One panel per method (plus the original image): the tokens each method keeps on the same image."""
+    if not selections:
+        raise ValueError("selections is empty; pass {method: kept_indices}")
+    n = len(selections) + int(show_original)
+    ncols = ncols or min(n, 4)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(panel_size * ncols, panel_size * nrows + 0.3), squeeze=False
+    )
+    flat = list(axes.ravel())
+    if show_original:
+        ax = flat.pop(0)
+        ax.imshow(_as_image_array(image))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.grid(False)
+        ax.set_title("Input image")
+    colors = method_colors(selections)
+    for ax, (method, kept) in zip(flat, selections.items()):
+        n_kept = len(_as_index_array(kept, _as_grid(grid)[0] * _as_grid(grid)[1]))
+        title = (titles or {}).get(method, f"{method_label(method)} ({n_kept} tokens)")
+        draw_kept_tokens(image, kept, grid, ax=ax, title=title, color=colors[method])
+    for ax in flat[len(selections) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def _check_columns(df: pd.DataFrame, needed: Sequence[str], arg: str = "data") -> None:
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise ValueError(f"{arg} lacks columns {missing}; it has {list(df.columns)}")
+
+
+def _method_order(methods: Iterable[str]) -> list[str]:
+    methods = list(dict.fromkeys(methods))
+    known = [m for m in _MARKERS if m in methods]
+    return known + [m for m in methods if m not in known]
+
+
+def plot_theta_coverage(data: pd.DataFrame, ax: plt.Axes | None = None, title: str | None = None) -> plt.Axes:
+    """theta-coverage vs theta, one curve per method (Fig. 2 of the paper).
+
+    ``data`` has columns ``method``, ``theta`` and ``coverage`` (a fraction in [0, 1]); several rows per
+    (method, theta) -- one per image -- are averaged, with a 95% bootstrap band.
+    """
+    _check_columns(data, ["method", "theta", "coverage"])
+    ax = ax or plt.gca()
+    df = data.assign(coverage_pct=100.0 * data["coverage"], label=data["method"].map(method_label))
+    order = _method_order(df["method"])
+    colors = method_colors(order)
+    markers = method_markers(order)
+    sns.lineplot(
+        data=df,
+        x="theta",
+        y="coverage_pct",
+        hue="label",
+        hue_order=[method_label(m) for m in order],
+        palette={method_label(m): colors[m] for m in order},
+        style="label",
+        markers={method_label(m): markers[m] for m in order},
+        dashes=False,
+        errorbar=("ci", 95),
+        n_boot=200,
+        seed=0,
+        ax=ax,
+    )
+    ax.set_xlabel(r"$\theta$ (cosine-similarity threshold)")
+    ax.set_ylabel(r"$\theta$-coverage (% of all tokens)")
+    ax.set_ylim(-2, 102)
+    ax.legend(title="Method")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_attention_skew(
+    sorted_attention,
+    ax: plt.Axes | None = None,
+    top: int = 128,
+    title: str | None = None,
+    color=None,
+) -> plt.Axes:
+    """Mean CLS attention of the top-``top`` tokens by rank, with a band of +-1 std over images (Fig. 1b).
+
+    ``sorted_attention`` is [images, tokens], each row sorted in descending order. Values are plotted as a
+    percentage of the image's total CLS attention, so images and models compare on one scale.
+    """
+    att = np.asarray(
+        sorted_attention.cpu() if hasattr(sorted_attention, "cpu") else sorted_attention, dtype=np.float64
+    )
+    if att.ndim == 1:
+        att = att[None]
+    if att.ndim != 2 or att.shape[1] == 0:
+        raise ValueError(f"sorted_attention must be [images, tokens]; got shape {att.shape}")
+    if np.any(np.diff(att, axis=1) > 1e-9):
+        raise ValueError("sorted_attention rows must be sorted in descending order")
+    share = 100.0 * att / att.sum(axis=1, keepdims=True)
+    share = share[:, : min(top, share.shape[1])]
+    mean, std = share.mean(0), share.std(0)
+    rank = np.arange(1, share.shape[1] + 1)
+    ax = ax or plt.gca()
+    color = color if color is not None else method_colors(["saliency"])["saliency"]
+    ax.plot(rank, mean, color=color, lw=2, label=f"mean over {att.shape[0]} images")
+    ax.fill_between(rank, np.maximum(mean - std, 0), mean + std, color=color, alpha=0.25, label="±1 std")
+    ax.axhline(100.0 / att.shape[1], color="0.3", ls="--", lw=1, label=f"uniform (1/{att.shape[1]})")
+    ax.set_xlabel("Token rank by CLS attention")
+    ax.set_ylabel("CLS attention (% of image total)")
+    ax.set_xlim(1, share.shape[1])
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_budget_curves(
+    data: pd.DataFrame,
+    y: str = "score",
+    ax: plt.Axes | None = None,
+    reference: float | None = None,
+    reference_label: str = "All tokens",
+    ylabel: str = "Accuracy (%)",
+    title: str | None = None,
+    logx: bool = True,
+) -> plt.Axes:
+    """Score vs number of kept visual tokens, one curve per method (Fig. 4 / Fig. 6 style).
+
+    ``data`` has columns ``method``, ``budget`` and ``y``; optional ``lo``/``hi`` columns draw an error
+    band (e.g. a bootstrap CI). ``reference`` draws the unpruned model as a dashed line.
+    """
+    _check_columns(data, ["method", "budget", y])
+    ax = ax or plt.gca()
+    order = _method_order(data["method"])
+    colors, markers = method_colors(order), method_markers(order)
+    for m in order:
+        d = data[data["method"] == m].sort_values("budget")
+        ax.plot(d["budget"], d[y], marker=markers[m], color=colors[m], lw=2, ms=6, label=method_label(m))
+        if {"lo", "hi"} <= set(d.columns) and d[["lo", "hi"]].notna().all().all():
+            ax.fill_between(d["budget"], d["lo"], d["hi"], color=colors[m], alpha=0.15, lw=0)
+    if reference is not None:
+        ax.axhline(reference, color="black", ls="--", lw=1.2, label=reference_label)
+    if logx:
+        ax.set_xscale("log", base=2)
+        budgets = sorted(data["budget"].unique())
+        ax.set_xticks(budgets)
+        ax.set_xticklabels([str(int(b)) for b in budgets])
+        ax.minorticks_off()
+    ax.set_xlabel("Visual tokens kept (entering the LLM)")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def _out_dir(figures_dir) -> Path:
+    if figures_dir is None:
+        from scope.paths import FIGURES_DIR
+
+        figures_dir = FIGURES_DIR
+    path = Path(figures_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or "." in name or name.strip() != name:
+        raise ValueError(f"name={name!r} must be a plain file stem like '01_theta_coverage'")
+
+
+def save_figure(fig: plt.Figure, name: str, source: str, figures_dir=None) -> list[Path]:
+    """Stamp ``source`` under the figure and write ``<figures_dir>/<name>.png`` and ``.pdf``.
+
+    ``source`` says what produced the figure, e.g. "MiniLLaVA (data/minillava), SynthBench test, 200 images".
+    """
+    _check_name(name)
+    if not source:
+        raise ValueError("source must say which model and data produced the figure")
+    out = _out_dir(figures_dir)
+    # Put the source line just under everything already drawn (tick labels, legends below the axes).
+    box = fig.get_tightbbox(fig.canvas.get_renderer())
+    x, y = box.x0 / fig.get_figwidth(), box.y0 / fig.get_figheight()
+    fig.text(x, y - 0.01, f"Source: {source}", ha="left", va="top", fontsize=7, color="0.35")
+    paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    for p in paths:
+        # Fixed metadata so re-running does not change the PDF/PNG bytes for nothing.
+        meta = {"CreationDate": None} if p.suffix == ".pdf" else {"Software": None}
+        fig.savefig(p, metadata=meta)
+    return paths
+
+
+def _fmt(value, floatfmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, (float, np.floating)):
+        return format(float(value), floatfmt)
+    return str(value)
+
+
+def to_markdown(df: pd.DataFrame, floatfmt: str = ".1f", index: bool = False) -> str:
+    """A GitHub pipe table of ``df`` (floats formatted with ``floatfmt``, missing values as "–")."""
+    if index:
+        df = df.reset_index()
+    header = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(_fmt(v, floatfmt).replace("|", "\\|") for v in row) + " |")
+    return "\n".join(lines)
+
+
+def save_table(
+    df: pd.DataFrame,
+    name: str,
+    source: str,
+    figures_dir=None,
+    title: str | None = None,
+    floatfmt: str = ".1f",
+) -> list[Path]:
+    """Write ``<name>.csv`` (full precision) and ``<name>.md`` (title, source line, formatted table)."""
+    _check_name(name)
+    if not source:
+        raise ValueError("source must say which model and data produced the table")
+    out = _out_dir(figures_dir)
+    csv, md = out / f"{name}.csv", out / f"{name}.md"
+    df.to_csv(csv, index=False)
+    text = ([f"**{title}**", ""] if title else []) + [to_markdown(df, floatfmt), "", f"Source: {source}", ""]
+    md.write_text("\n".join(text))
+    return [csv, md]
+
+
+def model_name(model: str | None) -> str:
+    """How figures name the model: ``None`` is the embedded MiniLLaVA, anything else its hub id / path."""
+    if model is None:
+        return "MiniLLaVA (embedded, data/minillava)"
+    if str(model).rstrip("/").endswith("minillava-next"):
+        return "MiniLLaVA-NeXT (embedded, data/minillava-next)"
+    if str(model).rstrip("/").endswith("minillava"):
+        return "MiniLLaVA (embedded, data/minillava)"
+    return str(model)
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+# SynthBench families -> the paper benchmark each mirrors (column headers of our Table 1 analogue).
+FAMILY_COLUMNS = {
+    "existence": "Exist. (POPE)",
+    "counting": "Count",
+    "attribute": "Attr. (GQA)",
+    "spatial": "Spatial",
+    "reading": "Read (TextVQA)",
+    "choice": "MC (MMB/SQA)",
+}
+OVERALL = "Overall"
+
+
+def results_long(run_dirs: Iterable, ci: bool = False, n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
+    """Run directories of ``scope.eval`` -> one row per (run, column) with the score in %.
+
+    Columns: ``run, model, method, budget, options, column, value, n, visual_tokens`` (+ ``lo``, ``hi``: a
+    percentile bootstrap interval from the per-sample logs when ``ci``). SynthBench expands into one column
+    per question family plus ``Overall``; every other task is one column (the paper's header, main metric).
+    The unpruned run has method ``"none"`` and as budget the visual tokens it fed the LLM.
+    """
+    from scope import report
+    from scope.eval import get_task, read_jsonl
+
+    rows = []
+    for d in report._run_dirs(run_dirs):
+        run = report.load_run(d)
+        cfg = run["config"]
+        unpruned = cfg.get("method") in (None, "none", "vanilla", "full")
+        for task, res in run["results"]["tasks"].items():
+            metrics = res.get("metrics", {})
+            if task == "synthbench":
+                cols = [(FAMILY_COLUMNS.get(f, f), f"{f}/accuracy") for f in FAMILY_COLUMNS]
+                cols = [c for c in cols if c[1] in metrics] + [(OVERALL, "accuracy")]
+            else:
+                t = get_task(task)
+                cols = [(t.paper_column or t.name, res["main"])]
+            records = read_jsonl(d / "samples" / f"{task}.jsonl") if ci else None
+            tokens = res.get("mean_kept_tokens")
+            for column, metric in cols:
+                row = {
+                    "run": d.name,
+                    "model": cfg.get("model"),
+                    "method": "none" if unpruned else cfg["method"],
+                    "budget": (round(tokens) if tokens is not None else None)
+                    if unpruned
+                    else cfg.get("budget"),
+                    "options": json_options(cfg.get("options")),
+                    "task": task,
+                    "column": column,
+                    "value": metrics.get(metric, res["value"] if metric == res["main"] else math.nan),
+                    "n": res["n"],
+                    "visual_tokens": tokens,
+                }
+                if ci:
+                    row["lo"], row["hi"] = report.bootstrap_ci(
+                        records, task, n_boot=n_boot, seed=seed, metric=metric
+                    )
+                rows.append(row)
+    if not rows:
+        raise ValueError(f"run_dirs={list(map(str, run_dirs))} holds no finished runs (results.json)")
+    return pd.DataFrame(rows)
+
+
+def json_options(options) -> str:
+    """Options of a run as a short stable string ("" when none): {"alpha": 0.5} -> "alpha=0.5"."""
+    return ", ".join(f"{k}={v}" for k, v in sorted((options or {}).items()))
+
+
+def paper_style(long: pd.DataFrame, relative: bool = True) -> pd.DataFrame:
+    """``results_long`` rows in the paper's layout: one row per (budget, method[, options]) with the raw
+    scores and, when ``relative``, a second row of % of the unpruned model, plus ``Avg_rel`` (mean rel% over
+    the columns other than ``Overall``), unpruned row first, budgets descending.
+    """
+    _check_columns(long, ["method", "budget", "options", "column", "value"], "long")
+    columns = list(dict.fromkeys(long["column"]))
+    key = ["budget", "method", "options"]
+    raw = long.pivot_table(index=key, columns="column", values="value", aggfunc="first")[columns]
+    parts = [raw.assign(kind="raw")]
+    if relative:
+        base = long[long["method"] == "none"].groupby("column")["value"].first().replace(0.0, math.nan)
+        if base.empty:
+            raise ValueError("long has no unpruned run (method 'none'); relative scores need one")
+        rel = 100.0 * raw / base.reindex(columns).to_numpy()
+        bench = [c for c in columns if c != OVERALL]
+        rel["Avg_rel"] = rel[bench].mean(axis=1)
+        parts.append(rel.assign(kind="rel%"))
+    out = pd.concat(parts).reset_index()
+    out["method"] = out["method"].map(method_label)
+    out["_full"] = out["method"] != method_label("none")
+    out = out.sort_values(
+        ["_full", "budget", "method", "options", "kind"], ascending=[True, False, True, True, True]
+    )
+    out = out.drop(columns="_full")
+    if (out["options"] == "").all():
+        out = out.drop(columns="options")
+    lead = [c for c in ["budget", "method", "options", "kind"] if c in out.columns]
+    out = out[lead + [c for c in out.columns if c not in lead]].reset_index(drop=True)
+    out.columns.name = None
+    return out
+
+
+def paper_method(name: str) -> str:
+    """A method as the paper's tables print it -> our method key ("SCOPE (Ours)" -> "scope", "PDrop†" -> "pdrop")."""
+    base = name.split("(")[0].replace("†", "").strip().lower()
+    aliases = {
+        "vanilla": "none",
+        "saliency-only": "saliency",
+        "coverage-only": "coverage",
+        "pyramiddrop": "pdrop",
+    }
+    return aliases.get(base, base.replace(" ", ""))
+
+
+def run_group(model: str | None, tasks: str, limit: int | None, seed: int) -> str:
+    """Folder name for the runs of one (model, tasks, limit, seed): notebooks share finished runs through it."""
+    name = "minillava" if model is None else Path(str(model)).name or str(model)
+    tasks = str(tasks).replace(",", "+")
+    return f"{name}_{tasks}_limit{limit if limit is not None else 'all'}_seed{seed}"
+
+
+def repo_path(path, default: Path) -> Path:
+    """A notebook's folder parameter as a Path: None -> ``default``; relative paths are taken from the repository
+    root (so ``-p results_dir results/x`` means the same from any working directory)."""
+    from scope.paths import REPO_ROOT
+
+    if path is None or str(path) == "":
+        return Path(default)
+    path = Path(path)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def shown_path(path) -> str:
+    """``path`` relative to the repository root when inside it (what executed notebooks print)."""
+    from scope.paths import REPO_ROOT
+
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)

@@ -1,0 +1,107 @@
+"""`python -m scope.reproduce` on throw-away notebooks, and the shape of the real notebooks' sources."""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+
+from scope import reproduce
+from scope.paths import NOTEBOOKS_DIR
+
+REQUIRED_PARAMETERS = {"model", "methods", "budgets", "limit", "seed", "smoke", "results_dir", "figures_dir"}
+
+
+def _notebook(path, *cells: str, parameters: str = "smoke = False\nfigures_dir = None\nresults_dir = None"):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(parameters, metadata={"tags": ["parameters"]})]
+    nb.cells += [nbformat.v4.new_code_cell(c) for c in cells]
+    nbformat.write(nb, path)
+
+
+def _outputs_text(path) -> str:
+    nb = nbformat.read(path, as_version=4)
+    return "\n".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+    )
+
+
+def test_discover_orders_and_filters(tmp_path):
+    for name in ["10_b.ipynb", "02_a.ipynb", "x_notes.ipynb", "01_c.ipynb"]:
+        (tmp_path / name).write_text("{}")
+    assert [p.name for p in reproduce.discover(tmp_path)] == ["01_c.ipynb", "02_a.ipynb", "10_b.ipynb"]
+    assert [p.name for p in reproduce.discover(tmp_path, ["10", "1"])] == ["01_c.ipynb", "10_b.ipynb"]
+    with pytest.raises(ValueError, match="07"):
+        reproduce.discover(tmp_path, ["07"])
+
+
+def test_no_notebooks_is_not_an_error(tmp_path, capsys):
+    assert reproduce.main(["--notebooks-dir", str(tmp_path), "--smoke", "--out", str(tmp_path / "o")]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_runs_in_order_passes_smoke_and_stops_loudly_on_failure(tmp_path, capsys):
+    src, out = tmp_path / "nb", tmp_path / "out"
+    src.mkdir()
+    write_marker = (
+        "import pathlib\n"
+        "d = pathlib.Path(figures_dir); d.mkdir(parents=True, exist_ok=True)\n"
+        "(d / 'marker.txt').write_text(f'smoke={smoke} limit={limit}')\n"
+        "print('SMOKE IS', smoke)"
+    )
+    _notebook(src / "00_ok.ipynb", write_marker, parameters="smoke = False\nfigures_dir = None\nlimit = 1")
+    _notebook(src / "01_boom.ipynb", "raise RuntimeError('deliberate failure')")
+    _notebook(src / "02_never.ipynb", "print('should not run')")
+
+    argv = ["--notebooks-dir", str(src), "--smoke", "--out", str(out), "-p", "limit=7"]
+    assert reproduce.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "01_boom.ipynb failed" in err and "deliberate failure" in err
+    # The first notebook ran with the injected parameters and wrote where it was told, not into the repo.
+    assert (out / "figures" / "marker.txt").read_text() == "smoke=True limit=7"
+    assert "SMOKE IS True" in _outputs_text(out / "00_ok.ipynb")
+    assert (out / "01_boom.ipynb").exists()  # partly executed copy, kept for the post-mortem
+    assert not (out / "02_never.ipynb").exists()
+
+    # --only skips the broken one; success prints a per-notebook timing table and the total.
+    assert reproduce.main(["--notebooks-dir", str(src), "--smoke", "--out", str(out), "--only", "00"]) == 0
+    printed = capsys.readouterr().out
+    assert "00_ok.ipynb" in printed and "total" in printed and "01_boom" not in printed
+
+
+def test_bad_param_syntax_exits_with_usage_error(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        reproduce.main(["--notebooks-dir", str(tmp_path), "-p", "no_equals_sign"])
+    assert exc.value.code == 2
+
+
+NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_sources_are_clean_and_parameterised(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters' (papermill injects after it)"
+    names = {line.split("=")[0].strip() for line in tagged[0].source.splitlines() if "=" in line}
+    assert REQUIRED_PARAMETERS <= names, f"missing parameters: {REQUIRED_PARAMETERS - names}"
+    assert "smoke = False" in tagged[0].source, "the committed default is the full run"
+    # Clean sources: outputs live in notebooks/executed/, not here.
+    assert all(
+        not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code"
+    )
+    assert json.loads(path.read_text())["metadata"]["kernelspec"]["name"] == "python3"
+
+
+def test_thread_choice(monkeypatch):
+    assert reproduce.choose_threads(3) == 3
+    with pytest.raises(ValueError, match="threads"):
+        reproduce.choose_threads(0)
+    monkeypatch.setattr(reproduce.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(reproduce.os, "getloadavg", lambda: (1.5, 1.0, 1.0))
+    assert reproduce.choose_threads(None) == 1  # busy machine: threads would wait on each other
+    monkeypatch.setattr(reproduce.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert reproduce.choose_threads(None) is None  # idle: torch's default
