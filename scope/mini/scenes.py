@@ -1,0 +1,145 @@
+"""Deterministic procedural scenes for SynthBench and MiniLLaVA.
+
+A scene is a few large, salient shapes and several small ones on a low-contrast textured background; some
+large shapes carry a digit glyph. Scenes are rendered at ``RENDER_SIZE`` (384 px) and downsampled for the
+model (192 px for MiniLLaVA), so fine detail (small shapes, glyphs) is partly lost at single-crop
+resolution -- which is what higher-resolution LLaVA-NeXT crops buy back.
+
+Everything is a pure function of an integer seed: ``make_scene(seed)`` gives the same scene on every
+machine (numpy ``default_rng`` + Pillow drawing, font = Pillow's built-in FreeType font).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+RENDER_SIZE = 384
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (45, 85, 225),
+    "yellow": (240, 210, 40),
+    "purple": (150, 60, 190),
+    "orange": (250, 140, 30),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+DIGITS = ("2", "3", "4", "5", "7", "8")
+# Skewed sampling weights: some colour/shape combinations are "popular" (frequent across the dataset),
+# which is what POPE's popular negatives exploit.
+COLOR_WEIGHTS = np.array([0.26, 0.2, 0.18, 0.14, 0.12, 0.1])
+SHAPE_WEIGHTS = np.array([0.34, 0.28, 0.22, 0.16])
+
+
+@dataclass
+class Obj:
+    """One shape in a scene, geometry in render-resolution pixels."""
+
+    color: str
+    shape: str
+    x: float  # centre
+    y: float
+    r: float  # half-size
+    large: bool
+    glyph: str = ""  # digit drawn on the object, "" for none
+
+    @property
+    def name(self) -> str:
+        return f"{self.color} {self.shape}"
+
+
+@dataclass
+class Scene:
+    seed: int
+    objects: list[Obj] = field(default_factory=list)
+    bg: tuple = ()  # background parameters, drawn from the same seed
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def make_scene(seed: int, n_large: tuple[int, int] = (2, 3), n_small: tuple[int, int] = (3, 6)) -> Scene:
+    """Sample the layout of scene ``seed``: distinct colour/shape combos, non-overlapping placement."""
+    rng = np.random.default_rng(seed)
+    s = RENDER_SIZE
+    scene = Scene(seed=seed)
+    k_large = int(rng.integers(n_large[0], n_large[1] + 1))
+    k_small = int(rng.integers(n_small[0], n_small[1] + 1))
+    used: set[tuple[str, str]] = set()
+    for i in range(k_large + k_small):
+        large = i < k_large
+        for _ in range(200):  # rejection sampling: distinct combo, no overlap, inside the canvas
+            color = str(rng.choice(list(COLORS), p=COLOR_WEIGHTS))
+            shape = str(rng.choice(SHAPES, p=SHAPE_WEIGHTS))
+            r = float(rng.uniform(0.1, 0.13) * s) if large else float(rng.uniform(0.028, 0.04) * s)
+            x, y = (float(v) for v in rng.uniform(r + 4, s - r - 4, size=2))
+            if (color, shape) in used:
+                continue
+            if any(math.hypot(x - o.x, y - o.y) < (r + o.r) * 1.15 + 6 for o in scene.objects):
+                continue
+            used.add((color, shape))
+            scene.objects.append(Obj(color, shape, x, y, r, large))
+            break
+    larges = [o for o in scene.objects if o.large]
+    n_glyph = int(rng.integers(1, min(2, len(larges)) + 1))
+    for o in list(rng.permutation(len(larges)))[:n_glyph]:
+        larges[int(o)].glyph = str(rng.choice(DIGITS))
+    base = rng.uniform(105, 165, size=3)
+    scene.bg = (
+        tuple(float(v) for v in base),
+        float(rng.uniform(0, math.pi)),
+        int(rng.integers(0, 2**31 - 1)),
+    )
+    return scene
+
+
+def _polygon(o: Obj) -> list[tuple[float, float]]:
+    if o.shape == "square":
+        q = o.r * 0.88
+        return [(o.x - q, o.y - q), (o.x + q, o.y - q), (o.x + q, o.y + q), (o.x - q, o.y + q)]
+    if o.shape == "triangle":
+        return [(o.x + o.r * math.cos(a), o.y + o.r * math.sin(a)) for a in np.deg2rad([-90, 30, 150])]
+    if o.shape == "diamond":
+        return [(o.x, o.y - o.r), (o.x + o.r, o.y), (o.x, o.y + o.r), (o.x - o.r, o.y)]
+    raise ValueError(f"shape={o.shape!r} has no polygon")
+
+
+def _background(scene: Scene) -> Image.Image:
+    """Low-contrast texture: tinted gradient + oriented stripes + pixel noise (all from the scene seed)."""
+    s = RENDER_SIZE
+    base, angle, noise_seed = scene.bg
+    rng = np.random.default_rng(noise_seed)
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
+    stripes = np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi * 9) * 9
+    grad = (xx - 0.5) * 24
+    noise = rng.normal(0, 7, size=(s, s, 1)).astype(np.float32)
+    img = np.asarray(base, np.float32)[None, None] + (stripes + grad)[..., None] + noise
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+def render(scene: Scene, size: int = RENDER_SIZE, with_ids: bool = False):
+    """Draw ``scene`` and resize to ``size`` px; with ``with_ids`` also return the object-id map (0 = bg)."""
+    img = _background(scene)
+    ids = Image.new("L", img.size, 0)
+    draw, draw_ids = ImageDraw.Draw(img), ImageDraw.Draw(ids)
+    for i, o in enumerate(scene.objects, start=1):
+        fill = COLORS[o.color]
+        for d, f in ((draw, fill), (draw_ids, i)):
+            if o.shape == "circle":
+                d.ellipse([o.x - o.r, o.y - o.r, o.x + o.r, o.y + o.r], fill=f)
+            else:
+                d.polygon(_polygon(o), fill=f)
+        if o.glyph:
+            ink = (20, 20, 20) if o.color in ("yellow", "orange", "green") else (250, 250, 250)
+            cy = o.y + (o.r * 0.2 if o.shape == "triangle" else 0)
+            size_px = int(o.r * (0.75 if o.shape == "triangle" else 0.95))
+            draw.text((o.x, cy), o.glyph, fill=ink, font=_font(size_px), anchor="mm")
+    if size != RENDER_SIZE:
+        img = img.resize((size, size), Image.Resampling.LANCZOS)
+    if not with_ids:
+        return img
+    return img, np.asarray(ids)

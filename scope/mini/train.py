@@ -1,0 +1,778 @@
+"""Train MiniLLaVA (and MiniLLaVA-NeXT) from scratch on SynthBench-style scenes, on CPU.
+
+Recipe (two stages, as LLaVA; see data/minillava/README.md for why):
+1. Vision tower. CLIP is trained contrastively on captions; we have exact scene annotations instead, so the
+   tower learns (a) a CLS objective -- which colour/shape combinations are present and how many of each
+   shape/colour -- computed from the CLS token of layer -2, so CLS attention in that layer concentrates on
+   the objects (the saliency SCOPE uses), and (b) a dense per-patch objective on the layer -2 patch features
+   (colour, shape, size, glyph of the object under the patch, and whether the patch holds an object centre),
+   so the features that reach the projector carry what the questions ask about.
+2. Projector + language model, tower frozen: layer -2 features of a pool of scenes are extracted once without
+   grad (bf16), and each training sequence packs several question/answer turns about one image
+   (LLaVA's multi-turn format, loss on the answers only).
+
+``python -m scope.mini.train --all`` (``make model``) retrains and saves both checkpoints; every stage has a
+tqdm bar and appends to ``training_log.csv`` (held-out accuracy over training time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from scope.mini.card import write_card
+from scope.mini.model import (
+    IMAGE_SIZE,
+    N_PATCHES,
+    PATCH_SIZE,
+    _words,
+    build_config,
+    build_model,
+    build_processor,
+    build_tokenizer,
+)
+from scope.mini.next import NEXT_IMAGE_SIZE, build_next_processor, next_from_mini
+from scope.mini.scenes import COLORS, DIGITS, RENDER_SIZE, SHAPES, Scene, make_scene, render
+from scope.mini.synthbench import FAMILIES, heldout_items, make_question
+from scope.paths import MINILLAVA_DIR, MINILLAVA_NEXT_DIR
+
+VAL_SEED_BASE = 900_000_000  # validation scenes for the training curve; the test split is never trained on
+GRID = IMAGE_SIZE // PATCH_SIZE
+C_LIST, S_LIST = list(COLORS), list(SHAPES)
+MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- data
+def pixels(images) -> torch.Tensor:
+    """CLIP normalisation of 192 px PIL images (what CLIPImageProcessorPil does at this size)."""
+    arr = np.stack([np.asarray(im, np.float32) / 255.0 for im in images])
+    return torch.from_numpy(((arr - MEAN) / STD).transpose(0, 3, 1, 2).copy())
+
+
+def patch_labels(scene: Scene, ids: np.ndarray) -> np.ndarray:
+    """[6, 576] per-patch targets: colour, shape, size, glyph, centre class (0 = background / none) and the
+    owner (1 + index of the object under the patch, 0 = background; used by stage 2, not a tower target)."""
+    cell = RENDER_SIZE // GRID
+    n_obj = len(scene.objects)
+    blocks = ids.reshape(GRID, cell, GRID, cell).transpose(0, 2, 1, 3).reshape(N_PATCHES, -1)
+    hist = np.stack([(blocks == k).mean(1) for k in range(n_obj + 1)], 1)  # [576, n_obj+1]
+    owner = hist[:, 1:].argmax(1) + 1
+    owner[hist[:, 1:].max(1) < 0.2] = 0  # a patch belongs to an object covering >= 20% of it
+    out = np.zeros((6, N_PATCHES), np.int64)
+    out[5] = owner
+    for k, o in enumerate(scene.objects, start=1):
+        centre = int(o.y // cell) * GRID + int(o.x // cell)
+        owner[centre] = k
+        m = owner == k
+        out[0, m] = 1 + C_LIST.index(o.color)
+        out[1, m] = 1 + S_LIST.index(o.shape)
+        out[2, m] = 2 if o.large else 1
+        out[3, m] = 1 + DIGITS.index(o.glyph) if o.glyph else 0
+        out[4, centre] = 1 + S_LIST.index(o.shape) * len(C_LIST) + C_LIST.index(o.color)
+    return out
+
+
+def cls_targets(scene: Scene) -> np.ndarray:
+    """[24 presence + 4 shape counts + 6 colour counts] for the CLS objective."""
+    pres = np.zeros(len(C_LIST) * len(S_LIST), np.float32)
+    for o in scene.objects:
+        pres[S_LIST.index(o.shape) * len(C_LIST) + C_LIST.index(o.color)] = 1
+    sc = [sum(o.shape == s for o in scene.objects) for s in S_LIST]
+    cc = [sum(o.color == c for o in scene.objects) for c in C_LIST]
+    return np.concatenate([pres, np.array(sc + cc, np.float32)])
+
+
+def scene_batch(seeds):
+    scenes = [make_scene(int(s)) for s in seeds]
+    rendered = [render(sc, RENDER_SIZE, with_ids=True) for sc in scenes]
+    images = [im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS) for im, _ in rendered]
+    dense = np.stack([patch_labels(sc, ids) for sc, (_, ids) in zip(scenes, rendered)])
+    cls = np.stack([cls_targets(sc) for sc in scenes])
+    return scenes, pixels(images), torch.from_numpy(dense), torch.from_numpy(cls)
+
+
+# ----------------------------------------------------------------------------------------------- stage 1
+def tower_hidden(tower, px: torch.Tensor, window: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """hidden_states[-2] of the CLIP tower (CLS first) without the last layer, which LLaVA never reads.
+
+    ``window=(row, col, size)`` runs only a size x size window of the patch grid, with the position
+    embeddings those patches have in the full grid: training on windows costs ~1/5 of full images (attention
+    is quadratic) and teaches the same local features, which is what makes stage 1 affordable on a CPU.
+    """
+    emb = tower.embeddings
+    if window is None:
+        h = emb(px)
+    else:
+        r, c, w = window
+        crop = px[:, :, r * PATCH_SIZE : (r + w) * PATCH_SIZE, c * PATCH_SIZE : (c + w) * PATCH_SIZE]
+        patches = emb.patch_embedding(crop).flatten(2).transpose(1, 2)
+        pos = emb.position_embedding.weight
+        pos_patch = pos[1:].view(GRID, GRID, -1)[r : r + w, c : c + w].reshape(w * w, -1)
+        cls = (emb.class_embedding + pos[0]).expand(len(px), 1, -1)
+        h = torch.cat([cls, patches + pos_patch], dim=1)
+    h = tower.pre_layrnorm(h)
+    for layer in tower.encoder.layers[:-1]:
+        h = layer(h, None)
+        h = h[0] if isinstance(h, tuple) else h
+    return h
+
+
+def window_targets(dense: torch.Tensor, window: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense labels inside a window and the CLS targets recomputed for what the window shows."""
+    r, c, w = window
+    k = dense.shape[1]
+    d = dense.view(len(dense), k, GRID, GRID)[:, :, r : r + w, c : c + w].reshape(len(dense), k, -1)
+    nc, ns = len(C_LIST), len(S_LIST)
+    combo = torch.where(d[:, 0] > 0, (d[:, 1] - 1) * nc + (d[:, 0] - 1), -1)  # shape-major like cls_targets
+    pres = torch.zeros(len(d), nc * ns)
+    for b in range(len(d)):
+        pres[b, combo[b][combo[b] >= 0].unique()] = 1
+    centre = d[:, 4]  # 1 + shape * nc + colour at an object's centre patch
+    shape_of, color_of = (centre - 1) // nc, (centre - 1) % nc
+    valid = centre > 0
+    sc = torch.stack([((shape_of == k) & valid).sum(1) for k in range(ns)], 1)
+    cc = torch.stack([((color_of == k) & valid).sum(1) for k in range(nc)], 1)
+    return d, torch.cat([pres, sc.float(), cc.float()], 1)
+
+
+class TowerHeads(nn.Module):
+    """Auxiliary heads used only while training the tower (not part of the shipped checkpoint)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm_cls, self.norm_patch = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.presence = nn.Linear(width, len(C_LIST) * len(S_LIST))
+        self.counts = nn.Linear(width, (len(S_LIST) + len(C_LIST)) * 8)
+        sizes = [1 + len(C_LIST), 1 + len(S_LIST), 3, 1 + len(DIGITS), 1 + len(C_LIST) * len(S_LIST)]
+        self.dense = nn.ModuleList(nn.Linear(width, k) for k in sizes)
+
+    def loss(self, hidden: torch.Tensor, dense: torch.Tensor, cls: torch.Tensor) -> dict[str, torch.Tensor]:
+        h_cls, h_patch = self.norm_cls(hidden[:, 0]), self.norm_patch(hidden[:, 1:])
+        n_pres = len(C_LIST) * len(S_LIST)
+        l_pres = F.binary_cross_entropy_with_logits(self.presence(h_cls), cls[:, :n_pres])
+        counts = self.counts(h_cls).view(len(h_cls), -1, 8)
+        l_count = F.cross_entropy(counts.flatten(0, 1), cls[:, n_pres:].long().clamp(max=7).flatten())
+        l_dense = sum(
+            F.cross_entropy(head(h_patch).flatten(0, 1), dense[:, k].flatten())
+            for k, head in enumerate(self.dense)
+        )
+        return {"cls": l_pres + l_count, "dense": l_dense}
+
+
+def train_tower(
+    model, steps: int, batch: int, lr: float, seed: int, log, window: int = 12, full_frac: float = 0.15
+) -> None:
+    """Stage 1: CLS + dense objectives; windows of ``window`` patches first, full images for the last steps."""
+    tower = model.model.vision_tower
+    heads = TowerHeads(tower.config.hidden_size)
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    rng = np.random.default_rng(seed)
+    tower.train()
+    t0 = time.time()
+    bar = tqdm(range(steps), desc="stage 1: vision tower")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        full = step >= steps * (1 - full_frac) or window >= GRID
+        n = batch if not full else max(4, batch // 4)
+        _, px, dense, cls = scene_batch(rng.integers(0, VAL_SEED_BASE, size=n))
+        win = None
+        if not full:
+            win = (int(rng.integers(0, GRID - window + 1)), int(rng.integers(0, GRID - window + 1)), window)
+            dense, cls = window_targets(dense, win)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = tower_hidden(tower, px, win)
+        losses = heads.loss(hidden.float(), dense, cls)
+        loss = losses["cls"] + losses["dense"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.set_postfix(cls=f"{losses['cls'].item():.3f}", dense=f"{losses['dense'].item():.3f}")
+        if step % 25 == 0 or step == steps - 1:
+            log("tower", step, time.time() - t0, {k: v.item() for k, v in losses.items()})
+    tower.eval()
+
+
+@torch.no_grad()
+def cls_attention(tower, px: torch.Tensor) -> torch.Tensor:
+    """CLS -> patch attention of vision layer -2, summed over heads: SCOPE's saliency, [B, 576]."""
+    h = tower.pre_layrnorm(tower.embeddings(px))
+    for layer in tower.encoder.layers[:-2]:
+        h = layer(h, None)
+        h = h[0] if isinstance(h, tuple) else h
+    attn = tower.encoder.layers[-2].self_attn
+    x = tower.encoder.layers[-2].layer_norm1(h)
+    b, n, _ = x.shape
+    q = attn.q_proj(x[:, :1]).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)
+    a = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)  # [B, heads, 1, N+1]
+    return a.sum(1)[:, 0, 1:]
+
+
+def top_share(saliency: torch.Tensor, frac: float = 0.1) -> float:
+    """Mean share of the patch-attention mass held by the top ``frac`` of tokens."""
+    k = max(1, int(round(frac * saliency.shape[-1])))
+    s = saliency / saliency.sum(-1, keepdim=True)
+    return float(s.topk(k, dim=-1).values.sum(-1).mean())
+
+
+@torch.no_grad()
+def extract_features(model, seeds, batch: int = 32, desc: str = "features", with_masks: bool = False):
+    """Layer -2 patch features (CLS dropped) for each seed's scene, bf16 [P, 576, d].
+
+    ``with_masks`` also returns the patch owners ([P, 576]: 1 + object index, 0 = background) for stage 2.
+    """
+    tower = model.model.vision_tower
+    out, masks = [], []
+    for i in tqdm(range(0, len(seeds), batch), desc=desc):
+        _, px, dense, _ = scene_batch(seeds[i : i + batch])
+        masks.append(dense[:, 5].to(torch.int16))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out.append(tower_hidden(tower, px)[:, 1:].to(torch.bfloat16))
+    return (torch.cat(out), torch.cat(masks)) if with_masks else torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------- stage 2
+class Seq:
+    """Token ids of the LLaVA-1.5 conversation format, built directly (same ids as the chat template)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        v = tokenizer.get_vocab()
+        self.v = v
+        self.bos, self.eos, self.pad = v["<s>"], v["</s>"], v["<pad>"]
+        self.user, self.asst, self.colon, self.img = v["USER"], v["ASSISTANT"], v[":"], v["<image>"]
+
+    def words(self, text: str) -> list[int]:
+        return [self.v.get(w, self.v["<unk>"]) for w in _words(text)]
+
+    def build(self, qas: list[dict], n_image: int = N_PATCHES) -> tuple[list[int], list[int]]:
+        """ids, labels (-100 except answers and their </s>) for a multi-turn conversation about one image.
+
+        Same ids as the chat template: ``<s> USER : q1 <image>*N ASSISTANT : a1 </s> USER : q2 ASSISTANT : ...``
+        """
+        ids, labels, _, _ = self.build_with_positions(qas, n_image)
+        return ids, labels
+
+    def build_with_positions(self, qas: list[dict], n_image: int = N_PATCHES):
+        """``build`` plus the first image position and the position that predicts each answer."""
+        ids, labels, qpos, img_start = [self.bos], [-100], [], 0
+        for t, qa in enumerate(qas):
+            q = [self.user, self.colon] + self.words(qa["question"])
+            if t == 0:
+                img_start = len(ids) + len(q)
+                q += [self.img] * n_image
+            q += [self.asst, self.colon]
+            a = self.words(qa["answer"]) + [self.eos]
+            qpos.append(len(ids) + len(q) - 1)
+            ids += q + a
+            labels += [-100] * len(q) + a
+        return ids, labels, img_start, qpos
+
+
+def embed_images(model, feats: torch.Tensor) -> torch.Tensor:
+    """Projected image tokens as the model places them: [B, 576, D] (LLaVA) or packed anyres (NeXT).
+
+    ``feats`` are layer -2 tower features without CLS: [B, 576, d], or [B, crops, 576, d] for LLaVA-NeXT.
+    """
+    proj = model.model.multi_modal_projector(feats)
+    if feats.dim() == 3:
+        return proj
+    size = torch.tensor([[NEXT_IMAGE_SIZE, NEXT_IMAGE_SIZE]])
+    packed = [
+        model.model.pack_image_features([p], size, "default", image_newline=model.model.image_newline)[0][0]
+        for p in proj
+    ]
+    return torch.stack(packed)
+
+
+def lm_forward(model, image_embeds: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Hidden states of the LM with projected image tokens written into the placeholder slots."""
+    emb = model.model.language_model.embed_tokens(ids)
+    img_mask = ids == model.config.image_token_index
+    emb = emb.masked_scatter(img_mask[..., None], image_embeds.to(emb.dtype))  # [B, N, D] or [sum N_i, D]
+    return model.model.language_model(inputs_embeds=emb).last_hidden_state
+
+
+def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    n = max(map(len, rows))
+    return torch.tensor([r + [value] * (n - len(r)) for r in rows])
+
+
+class AttentionInputs:
+    """Forward pre-hooks keeping the inputs of chosen LM attention layers, for the grounding loss."""
+
+    def __init__(self, model, layers: list[int]):
+        self.inputs: dict[int, tuple] = {}
+        lm_layers = model.model.language_model.layers
+        self.handles = [
+            lm_layers[i].self_attn.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i in layers
+        ]
+
+    def _hook(self, i):
+        def hook(module, args, kwargs):
+            self.inputs[i] = (module, kwargs["hidden_states"], kwargs["position_embeddings"])
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def grounding_loss(
+    cap: AttentionInputs, qb: torch.Tensor, qp: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """-log of the attention mass head 0 puts on the referenced object's image tokens, from the answer query.
+
+    ``qb``/``qp``: batch row and position of each answer-predicting query; ``target`` [n, L] marks the image
+    tokens of the objects the answer depends on. Recomputed from the captured layer input (RoPE included), so
+    the LM keeps its fast SDPA kernel. This is grounding supervision at training time only: it teaches the
+    toy LM *where* to look, which it otherwise finds only after a long plateau.
+    """
+    losses = []
+    for attn, h, (cos, sin) in cap.inputs.values():
+        hd = attn.head_dim
+        q = attn.q_proj(h[qb, qp]).view(len(qb), -1, hd)[:, 0]  # [n, hd]
+        k = attn.k_proj(h).view(h.shape[0], h.shape[1], -1, hd)[:, :, 0]  # [B, L, hd]
+        c, s = cos[0], sin[0]  # positions are 0..L-1 in every row (right padding)
+        q = q * c[qp] + _rotate_half(q) * s[qp]
+        k = k * c + _rotate_half(k) * s
+        logits = (q[:, None, :] * k[qb]).sum(-1).float() * attn.scaling  # [n, L]
+        causal = torch.arange(h.shape[1])[None, :] > qp[:, None]
+        logp = torch.log_softmax(logits.masked_fill(causal, float("-inf")), dim=-1)
+        losses.append(-torch.logsumexp(logp.masked_fill(~target, float("-inf")), dim=-1).mean())
+    return torch.stack(losses).mean()
+
+
+def train_lm(
+    model,
+    seq: Seq,
+    feats,
+    seeds,
+    steps,
+    batch,
+    turns,
+    lr,
+    seed,
+    log,
+    evaluate_fn,
+    eval_every,
+    log_every: int = 25,
+    masks: torch.Tensor | None = None,
+    curriculum: int = 0,
+    ground: float = 0.0,
+    ground_layers: tuple[int, ...] = (1, 2),
+) -> None:
+    """Stage 2: projector + LM on multi-turn conversations over cached tower features (tower frozen).
+
+    Curriculum (``curriculum`` > 0 steps, needs ``masks``): early conversations show the LM every object
+    token but only a growing random share of the background tokens (3% -> 100%, raster order kept). With all
+    576 tokens from the start, attention over the image is so diffuse that the LM first learns only answer
+    priors (a long plateau at chance); with few distractors it learns to look things up, then keeps it.
+    ``ground`` > 0 adds ``grounding_loss`` (weight ``ground``) on head 0 of ``ground_layers`` (needs ``masks``).
+    """
+    cap = AttentionInputs(model, list(ground_layers)) if ground and masks is not None else None
+    lm_params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(lm_params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    scenes = {}
+    t0 = time.time()
+    model.train()
+    bar = tqdm(range(steps), desc="stage 2: projector + LM")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        idx = rng.integers(0, len(seeds), size=batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            img = embed_images(model, feats[torch.from_numpy(idx)].float())
+        p_bg = min(1.0, 0.03 + step / curriculum) if curriculum and masks is not None else 1.0
+        owners = masks[torch.from_numpy(idx)] if masks is not None else None
+        if p_bg < 1.0:
+            keep = (owners > 0) | (torch.rand(len(idx), N_PATCHES, generator=gen) < p_bg)
+            img = [im[k] for im, k in zip(img, keep)]
+            owners = [o[k] for o, k in zip(owners, keep)]
+        rows, labs, g_b, g_q, g_keys = [], [], [], [], []
+        for b, i in enumerate(idx):
+            sd = int(seeds[i])
+            scene = scenes.get(sd) or scenes.setdefault(sd, make_scene(sd))
+            qas = [make_question(scene, FAMILIES[int(rng.integers(6))], rng) for _ in range(turns)]
+            r, lab, img_start, qpos = seq.build_with_positions(qas, len(img[b]))
+            rows.append(r)
+            labs.append(lab)
+            if cap is not None:
+                for qa, qp in zip(qas, qpos):
+                    hit = torch.isin(owners[b].long(), torch.tensor(qa["refs"], dtype=torch.long) + 1)
+                    if qa["refs"] and hit.any():
+                        g_b.append(b)
+                        g_q.append(qp)
+                        g_keys.append(hit.nonzero()[:, 0] + img_start)
+        ids, labels = pad(rows, seq.pad), pad(labs, -100)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = lm_forward(model, torch.cat(list(img)), ids)
+            pos = labels[:, 1:] != -100  # predict token t+1 from position t
+            logits = model.lm_head(hidden[:, :-1][pos])
+            if g_b:
+                target = torch.zeros(len(g_b), ids.shape[1], dtype=torch.bool)
+                for n, keys in enumerate(g_keys):
+                    target[n, keys] = True
+                l_ground = grounding_loss(cap, torch.tensor(g_b), torch.tensor(g_q), target)
+        loss = F.cross_entropy(logits.float(), labels[:, 1:][pos])
+        total = loss + ground * l_ground if g_b else loss
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(lm_params, 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", ground=f"{l_ground.item():.3f}" if g_b else "-")
+        if step % log_every == 0:
+            log(
+                "lm",
+                step,
+                time.time() - t0,
+                {"loss": loss.item(), **({"ground": l_ground.item()} if g_b else {})},
+            )
+        if (step + 1) % eval_every == 0 or step == steps - 1:
+            model.eval()
+            acc = evaluate_fn()
+            model.train()
+            log(
+                "lm", step, time.time() - t0, {"loss": loss.item(), **{f"acc_{k}": v for k, v in acc.items()}}
+            )
+            tqdm.write(f"step {step + 1}: " + " ".join(f"{k}={v:.3f}" for k, v in acc.items()))
+    if cap is not None:
+        cap.remove()
+    model.eval()
+
+
+@torch.no_grad()
+def evaluate_features(
+    model, seq: Seq, feats, items, budget: int | None = None, seed: int = 0, batch: int = 32
+):
+    """First-token accuracy per family (answers are one token) with all or ``budget`` random tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    correct: dict[str, list[float]] = {}
+    for i in range(0, len(items), batch):
+        chunk = items[i : i + batch]
+        f = feats[i : i + batch].float()
+        if budget is not None:
+            keep = torch.stack(
+                [torch.randperm(N_PATCHES, generator=gen)[:budget].sort().values for _ in chunk]
+            )
+            f = torch.gather(f, 1, keep[..., None].expand(-1, -1, f.shape[-1]))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            img = embed_images(model, f)
+            rows = [
+                seq.build([{"question": it["question"], "answer": ""}], img.shape[1])[0][:-1] for it in chunk
+            ]
+            lengths = torch.tensor([len(r) for r in rows])
+            hidden = lm_forward(model, img, pad(rows, seq.pad))
+            last = hidden[torch.arange(len(rows)), lengths - 1]
+            pred = model.lm_head(last).float().argmax(-1)
+        for it, p in zip(chunk, pred.tolist()):
+            ans = seq.words(it["answer"])[0]
+            correct.setdefault(it["family"], []).append(float(p == ans))
+    acc = {k: float(np.mean(v)) for k, v in correct.items()}
+    acc["overall"] = float(np.mean([x for v in correct.values() for x in v]))
+    return acc
+
+
+def val_items(n_per_family: int = 40) -> list[dict]:
+    items = []
+    for k in range(n_per_family * len(FAMILIES)):
+        seed = VAL_SEED_BASE + k
+        qa = make_question(make_scene(seed), FAMILIES[k % 6], np.random.default_rng([seed, 7]))
+        items.append({"seed": seed, **qa})
+    return items
+
+
+# ----------------------------------------------------------------------------------------------- main
+class RunLog:
+    """Appends (stage, step, stage seconds, total seconds, metric, value) rows to training_log.csv."""
+
+    def __init__(self, path: Path):
+        self.t0 = time.time()
+        self.f = open(path, "w", newline="")
+        self.w = csv.writer(self.f)
+        self.w.writerow(["stage", "step", "stage_seconds", "total_seconds", "metric", "value"])
+
+    def __call__(self, stage: str, step: int, secs: float, metrics: dict) -> None:
+        for k, v in metrics.items():
+            self.w.writerow([stage, step, f"{secs:.1f}", f"{time.time() - self.t0:.1f}", k, f"{v:.4f}"])
+        self.f.flush()
+
+    def minutes(self) -> float:
+        return (time.time() - self.t0) / 60
+
+
+def _arch(model) -> str:
+    v, t = model.config.vision_config, model.config.text_config
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    return (
+        f"- `{type(model).__name__}`, {n:.2f}M parameters.\n"
+        f"- Vision tower: CLIP ViT ({type(model.model.vision_tower).__name__}), {v.num_hidden_layers} layers, width "
+        f"{v.hidden_size}, {v.num_attention_heads} heads, {v.image_size} px, patch {v.patch_size}: CLS + "
+        f"{(v.image_size // v.patch_size) ** 2} patch tokens; features from layer -2 "
+        f"(`vision_feature_layer=-2`, CLS dropped, `vision_feature_select_strategy='default'`).\n"
+        f"- Projector: LLaVA MLP (linear-GELU-linear) {v.hidden_size} -> {t.hidden_size}.\n"
+        f"- Language model: Llama, {t.num_hidden_layers} layers, width {t.hidden_size}, {t.num_attention_heads} heads, "
+        f"MLP {t.intermediate_size}, RoPE, tied embeddings; word-level tokenizer of {t.vocab_size} tokens.\n"
+        f"- Processor: `{type(model).__name__.replace('ForConditionalGeneration', 'Processor')}` with a LLaVA-1.5 "
+        "chat template (`USER: <image>\\n... ASSISTANT:`)."
+    )
+
+
+def train_minillava(out_dir: Path, args) -> tuple:
+    """Stage 1 + stage 2, evaluate on the test split, save model + processor + card to ``out_dir``."""
+    torch.manual_seed(args.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = RunLog(out_dir / "training_log.csv")
+    tok = build_tokenizer()
+    processor = build_processor(tok)
+    config = build_config(tok, args.vision_layers, args.vision_width, args.lm_layers, args.lm_width)
+    model = build_model(config, args.seed)
+    seq = Seq(tok)
+    if args.tower_ckpt is not None and args.tower_ckpt.exists():
+        model.model.vision_tower.load_state_dict(torch.load(args.tower_ckpt))
+        print(f"loaded tower from {args.tower_ckpt}")
+    else:
+        train_tower(
+            model, args.tower_steps, args.tower_batch, args.tower_lr, args.seed, log, args.tower_window
+        )
+        if args.tower_ckpt is not None:
+            torch.save(model.model.vision_tower.state_dict(), args.tower_ckpt)
+    if args.tower_only:
+        return model, tok, log
+    pool = np.random.default_rng(args.seed + 1).integers(0, VAL_SEED_BASE, size=args.pool)
+    cache = args.feature_cache
+    if cache is not None and cache.exists():
+        feats, masks = torch.load(cache)
+    else:
+        feats, masks = extract_features(model, pool, desc="features (train pool)", with_masks=True)
+        if cache is not None:
+            torch.save((feats, masks), cache)
+    vitems = val_items()
+    vfeats = extract_features(model, np.array([it["seed"] for it in vitems]), desc="features (val)")
+    train_lm(
+        model,
+        seq,
+        feats,
+        pool,
+        args.lm_steps,
+        args.lm_batch,
+        args.turns,
+        args.lm_lr,
+        args.seed,
+        log,
+        lambda: evaluate_features(model, seq, vfeats, vitems),
+        args.eval_every,
+        masks=masks,
+        curriculum=args.curriculum,
+        ground=args.ground,
+    )
+    del feats
+    titems = heldout_items()
+    tseeds = np.array([it["seed"] for it in titems])
+    tfeats = extract_features(model, tseeds, desc="features (test)")
+    full = evaluate_features(model, seq, tfeats, titems)
+    rand64 = evaluate_features(model, seq, tfeats, titems, budget=64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        sal = torch.cat(
+            [
+                cls_attention(model.model.vision_tower, scene_batch(tseeds[i : i + 32])[1]).float()
+                for i in range(0, 96, 32)
+            ]
+        )
+    results = {
+        "full": full,
+        "random64": rand64,
+        "cls_top10_share": top_share(sal),
+        "cls_images": len(sal),
+        "train_minutes": log.minutes(),
+        "threads": args.threads,
+        "dtype": "bfloat16",
+        "vocab_size": len(tok),
+        "architecture": _arch(model),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    log(
+        "test",
+        0,
+        0.0,
+        {
+            **{f"full_{k}": v for k, v in full.items()},
+            **{f"random64_{k}": v for k, v in rand64.items()},
+            "cls_top10_share": results["cls_top10_share"],
+        },
+    )
+    print("test full:", {k: round(v, 3) for k, v in full.items()})
+    print("test random-64:", {k: round(v, 3) for k, v in rand64.items()})
+    print(f"CLS top-10% share: {results['cls_top10_share']:.3f}")
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    model.float()
+    recipe = (
+        f"1. Vision tower, {args.tower_steps} AdamW steps (lr {args.tower_lr}, cosine), batch {args.tower_batch} "
+        f"scenes, on {args.tower_window}x{args.tower_window}-patch windows (with their true position embeddings; "
+        "the last 15% of steps on full images, batch / 4). Loss on the layer -2 CLS token: presence of every "
+        "colour/shape combination (BCE) + number of each shape and colour (CE); loss on every layer -2 patch "
+        "token: colour, shape, size, digit of the object under it and object-centre class (CE). The heads are "
+        "discarded; the last tower layer is never read by LLaVA and stays at its initialisation.\n"
+        f"2. Projector + language model, tower frozen: layer -2 features of {args.pool} training scenes extracted "
+        f"once (bf16); {args.lm_steps} AdamW steps (lr {args.lm_lr}, warm-up + cosine), batch {args.lm_batch} "
+        f"conversations of {args.turns} question/answer turns about one image (families drawn uniformly), loss "
+        "on the answer tokens and their `</s>` only; bf16 autocast.\n"
+        f"Seed {args.seed}; `python -m scope.mini.train --all` rebuilds it."
+    )
+    write_card(out_dir, "MiniLLaVA", "LlavaForConditionalGeneration", recipe, results)
+    print(f"saved {out_dir} after {log.minutes():.1f} min")
+    return model, tok, log
+
+
+@torch.no_grad()
+def extract_next_features(model, processor, seeds, batch: int = 8, desc: str = "features") -> torch.Tensor:
+    """Layer -2 features of the 5 anyres crops of each 384 px scene, bf16 [P, 5, 576, d]."""
+    out = []
+    for i in tqdm(range(0, len(seeds), batch), desc=desc):
+        imgs = [render(make_scene(int(s)), NEXT_IMAGE_SIZE) for s in seeds[i : i + batch]]
+        px = processor.image_processor(imgs, return_tensors="pt")["pixel_values"]  # [B, 5, 3, 192, 192]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = tower_hidden(model.model.vision_tower, px.flatten(0, 1))[:, 1:]
+        out.append(h.to(torch.bfloat16).view(len(imgs), px.shape[1], N_PATCHES, -1))
+    return torch.cat(out)
+
+
+def train_minillava_next(mini, tok, out_dir: Path, args) -> None:
+    """Initialise LLaVA-NeXT from MiniLLaVA; train projector + LM (+ image_newline) on anyres inputs."""
+    torch.manual_seed(args.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = RunLog(out_dir / "training_log.csv")
+    model = next_from_mini(mini)
+    processor = build_next_processor(tok)
+    seq = Seq(tok)
+    pool = np.random.default_rng(args.seed + 2).integers(0, VAL_SEED_BASE, size=args.next_pool)
+    feats = extract_next_features(model, processor, pool, desc="NeXT features (train pool)")
+    vitems = val_items(20)
+    vfeats = extract_next_features(
+        model, processor, np.array([it["seed"] for it in vitems]), desc="NeXT features (val)"
+    )
+    train_lm(
+        model,
+        seq,
+        feats,
+        pool,
+        args.next_steps,
+        args.next_batch,
+        args.turns,
+        args.next_lr,
+        args.seed,
+        log,
+        lambda: evaluate_features(model, seq, vfeats, vitems, batch=8),
+        max(1, args.next_steps // 4),
+    )
+    del feats
+    titems = heldout_items()
+    tfeats = extract_next_features(
+        model, processor, np.array([it["seed"] for it in titems]), desc="NeXT features (test)"
+    )
+    full = evaluate_features(model, seq, tfeats, titems, batch=8)
+    mini_results = json.loads((args.out or MINILLAVA_DIR).joinpath("results.json").read_text())
+    results = {
+        "full": full,
+        "random64": {},
+        "minillava_full": mini_results["full"],
+        "train_minutes": log.minutes(),
+        "threads": args.threads,
+        "dtype": "bfloat16",
+        "vocab_size": len(tok),
+        "architecture": _arch(model),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    log("test", 0, 0.0, {f"full_{k}": v for k, v in full.items()})
+    print("NeXT test full:", {k: round(v, 3) for k, v in full.items()})
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    recipe = (
+        "Initialised from MiniLLaVA (tower, projector, LM; `image_newline` = 0). Tower frozen; layer -2 features "
+        f"of the 5 crops (base + 2x2 grid, 384 px scenes) of {args.next_pool} training scenes extracted once; "
+        f"{args.next_steps} AdamW steps (lr {args.next_lr}), batch {args.next_batch} conversations of "
+        f"{args.turns} turns, loss on the answers; 2928 visual tokens per image."
+    )
+    write_card(out_dir, "MiniLLaVA-NeXT", "LlavaNextForConditionalGeneration", recipe, results)
+    print(f"saved {out_dir} after {log.minutes():.1f} min")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--all", action="store_true", help="train MiniLLaVA and then MiniLLaVA-NeXT (make model)")
+    p.add_argument("--next-only", action="store_true", help="train MiniLLaVA-NeXT from the saved MiniLLaVA")
+    p.add_argument("--out", type=Path, default=None, help="MiniLLaVA output folder (default data/minillava)")
+    p.add_argument(
+        "--next-out", type=Path, default=None, help="NeXT output folder (default data/minillava-next)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vision-layers", type=int, default=4)
+    p.add_argument("--vision-width", type=int, default=128)
+    p.add_argument("--lm-layers", type=int, default=4)
+    p.add_argument("--lm-width", type=int, default=256)
+    p.add_argument("--tower-steps", type=int, default=300)
+    p.add_argument("--tower-batch", type=int, default=32)
+    p.add_argument("--tower-lr", type=float, default=2e-3)
+    p.add_argument(
+        "--tower-window", type=int, default=12, help="train stage 1 on windows of this many patches"
+    )
+    p.add_argument("--tower-ckpt", type=Path, default=None, help="reuse/save the stage-1 tower here")
+    p.add_argument("--tower-only", action="store_true")
+    p.add_argument("--feature-cache", type=Path, default=None, help="reuse/save stage-2 pool features here")
+    p.add_argument("--pool", type=int, default=6000)
+    p.add_argument("--lm-steps", type=int, default=1500)
+    p.add_argument("--lm-batch", type=int, default=16)
+    p.add_argument("--turns", type=int, default=6)
+    p.add_argument("--lm-lr", type=float, default=1e-3)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--ground", type=float, default=1.0, help="weight of the stage-2 grounding loss")
+    p.add_argument("--curriculum", type=int, default=300, help="stage-2 steps to grow background tokens")
+    p.add_argument("--next-pool", type=int, default=1200)
+    p.add_argument("--next-steps", type=int, default=200)
+    p.add_argument("--next-batch", type=int, default=8)
+    p.add_argument("--next-lr", type=float, default=3e-4)
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    out = args.out or MINILLAVA_DIR
+    if args.next_only:
+        from transformers import LlavaForConditionalGeneration
+
+        mini = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+        train_minillava_next(mini, build_tokenizer(), args.next_out or MINILLAVA_NEXT_DIR, args)
+        return
+    mini, tok, _ = train_minillava(out, args)
+    if args.all and not args.tower_only:
+        train_minillava_next(mini, tok, args.next_out or MINILLAVA_NEXT_DIR, args)
+
+
+if __name__ == "__main__":
+    main()
