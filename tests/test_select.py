@@ -1,5 +1,6 @@
 """Properties of the selection methods (scope.select): not shapes alone, but what each method promises."""
 
+import importlib
 import itertools
 import math
 
@@ -16,6 +17,8 @@ from scope.select import (
     uniform_indices,
     visionzip_counts,
 )
+
+scope_select = importlib.import_module("scope.select")  # the module: scope.select is also the function
 
 
 def clustered(b, n, d, k=6, noise=0.05, seed=0, dtype=torch.float32):
@@ -65,7 +68,10 @@ def test_unbatched_in_unbatched_out():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("data", ["random", "clustered"])
 @pytest.mark.parametrize("combine", ["mul", "add"])
-def test_fast_greedy_picks_exactly_what_the_reference_picks(dtype, data, combine):
+@pytest.mark.parametrize("chunk", ["default", "tiny"])
+def test_fast_greedy_picks_exactly_what_the_reference_picks(dtype, data, combine, chunk, monkeypatch):
+    if chunk == "tiny":  # 4-row work buffer: every dense pass and most rescoring calls span many chunks
+        monkeypatch.setattr(scope_select, "_CHUNK_ELEMENTS", 1)
     for seed in range(4):
         n = [50, 81, 100, 121][seed]
         if data == "random":
@@ -81,16 +87,65 @@ def test_fast_greedy_picks_exactly_what_the_reference_picks(dtype, data, combine
             assert torch.equal(ref, fast), (seed, k)
             one = scope_greedy_fast(feats[1:2], sal[1:2], k, combine=combine, dense_limit=0)  # 1-sample loop
             assert torch.equal(ref[1:2], one), (seed, k)
+            batched = scope_greedy_fast(feats, sal, k, combine=combine, dense_limit=0, batched=True)
+            assert torch.equal(ref, batched), (seed, k)
             assert torch.equal(scope.select(feats, sal, k, impl="reference", combine=combine), ref)
 
 
 def test_fast_greedy_matches_reference_at_llava_size():
     feats = clustered(2, 576, 64, k=20, noise=0.5, seed=3)
     sal = (3 * torch.randn(2, 576, generator=torch.Generator().manual_seed(1))).softmax(-1)
-    assert torch.equal(scope_greedy_reference(feats, sal, 64), scope_greedy_fast(feats, sal, 64))
-    assert torch.equal(
-        scope_greedy_reference(feats, sal, 64), scope_greedy_fast(feats, sal, 64, dense_limit=0)
-    )
+    ref = scope_greedy_reference(feats, sal, 64)
+    assert torch.equal(ref, scope_greedy_fast(feats, sal, 64))  # lazy, one sample after the other
+    assert torch.equal(ref, scope_greedy_fast(feats, sal, 64, dense_limit=0))
+    assert torch.equal(ref, scope_greedy_fast(feats, sal, 64, batched=True))  # B * N * N > 2**20: lazy
+    # unstructured features, near-uniform saliency: bounds go stale together and steps settle many rows
+    g = torch.Generator().manual_seed(4)
+    feats, sal = torch.randn(2, 576, 256, generator=g), torch.rand(2, 576, generator=g).softmax(-1)
+    ref = scope_greedy_reference(feats, sal, 64)
+    assert torch.equal(ref, scope_greedy_fast(feats, sal, 64))
+    assert torch.equal(ref, scope_greedy_fast(feats, sal, 64, batched=True))
+
+
+def test_small_problems_go_to_the_reference_loop_and_larger_ones_sample_by_sample(monkeypatch):
+    feats, sal = inputs(b=3, n=40)
+    calls = []
+
+    def lazy(sim, weight, budget, *args):
+        calls.append(tuple(sim.shape))
+        return torch.arange(budget)
+
+    monkeypatch.setattr(scope_select, "_lazy_greedy_single", lazy)
+    assert torch.equal(scope_greedy_fast(feats, sal, 5), scope_greedy_reference(feats, sal, 5))
+    assert calls == []  # 40 * 40 <= 2**18
+    assert scope_greedy_fast(feats, sal, 5, dense_limit=40 * 40 - 1).shape == (3, 5)
+    assert calls == [(40, 40)] * 3  # on CPU: one sample after the other, each with its own matrix
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [4, 5, 64])
+def test_gains_into_adds_what_row_gains_adds_bit_for_bit(dtype, rows):
+    g = torch.Generator().manual_seed(rows)
+    for n in (3, 9, 50, 131):
+        sim = cosine_similarity_matrix(torch.randn(n, 16, generator=g, dtype=dtype))
+        cover = sim[torch.randperm(n, generator=g)[: max(1, n // 5)]].amax(0)
+        buf = sim.new_empty(rows, n)
+        full = scope_select._row_gains(sim, cover)  # what the reference sums, all rows at once
+        assert torch.equal(scope_select._gains_into(buf, sim, cover), full)
+        for size in sorted({1, 2, 3, min(5, n), min(9, n), n // 2 + 1, n}):
+            idx = torch.randperm(n, generator=g)[:size]
+            assert torch.equal(scope_select._gains_into(buf, sim, cover, idx), full[idx]), (n, size)
+
+
+@pytest.mark.parametrize("n", [1, 7, 144, 145, 300, 577])
+def test_cosine_similarity_panels_are_the_symmetric_product(n):
+    x = torch.randn(2, n, 32, generator=torch.Generator().manual_seed(n))
+    unit = torch.nn.functional.normalize(x, dim=-1)
+    for block in (3, 64, 144):
+        sim = cosine_similarity_matrix(x, block=block)
+        assert torch.allclose(sim, unit @ unit.transpose(1, 2), atol=1e-6)
+        if n > block:  # upper triangle multiplied, lower mirrored
+            assert torch.equal(sim, sim.transpose(1, 2))
 
 
 def test_ties_go_to_the_first_index_like_argmax():
