@@ -617,9 +617,15 @@ def paper_method(name: str) -> str:
 
 def run_group(model: str | None, tasks: str, limit: int | None, seed: int) -> str:
     """Folder name for the runs of one (model, tasks, limit, seed): notebooks share finished runs through it."""
+    from scope.eval.rundir import checkpoint_fingerprint
+    from scope.paths import MINILLAVA_DIR
+
     name = "minillava" if model is None else Path(str(model)).name or str(model)
     tasks = str(tasks).replace(",", "+")
-    return f"{name}_{tasks}_limit{limit if limit is not None else 'all'}_seed{seed}"
+    group = f"{name}_{tasks}_limit{limit if limit is not None else 'all'}_seed{seed}"
+    # a local checkpoint (the embedded default included) is named by its weights, so retraining starts fresh
+    fingerprint = checkpoint_fingerprint(MINILLAVA_DIR if model is None else str(model))
+    return f"{group}_{fingerprint[7:]}" if fingerprint else group
 
 
 def repo_path(path, default: Path) -> Path:

