@@ -218,6 +218,7 @@ def test_a_retrained_local_checkpoint_gets_a_new_fingerprint(tmp_path):
     from scope.eval.rundir import checkpoint_fingerprint
 
     assert checkpoint_fingerprint(tmp_path) is None  # no weights
+    assert checkpoint_fingerprint("") is None  # an in-memory model's empty name_or_path
     (tmp_path / "model.safetensors").write_bytes(b"weights v1")
     first = checkpoint_fingerprint(tmp_path)
     assert first == checkpoint_fingerprint(tmp_path)  # stable

@@ -57,6 +57,8 @@ def checkpoint_fingerprint(path: str | Path) -> str | None:
     """
     import hashlib
 
+    if not str(path):  # Path("") is the working directory, not a checkpoint
+        return None
     folder = Path(path)
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     if not files:
