@@ -6,10 +6,15 @@ Recipe (two stages, as LLaVA; see data/minillava/README.md for why):
    shape/colour -- computed from the CLS token of layer -2, so CLS attention in that layer concentrates on
    the objects (the saliency SCOPE uses), and (b) a dense per-patch objective on the layer -2 patch features
    (colour, shape, size, glyph of the object under the patch, and whether the patch holds an object centre),
-   so the features that reach the projector carry what the questions ask about.
+   so the features that reach the projector carry what the questions ask about. Position embeddings start
+   as 2-D sin-cos; every ``probe_every`` steps the linear heads are scored on held-out scenes ("probes": what
+   the patch features carry), and the scores go to ``training_log.csv``.
 2. Projector + language model, tower frozen: layer -2 features of a pool of scenes are extracted once without
    grad (bf16), and each training sequence packs several question/answer turns about one image
-   (LLaVA's multi-turn format, loss on the answers only).
+   (LLaVA-1.5's multi-turn format with the image first, loss on the answers only).
+
+Status (issue 4): the patch features do not yet carry object shape (probe at the prior), and stage 2 stays
+at chance on them; with oracle patch features stage 2 does learn. The shipped checkpoints are placeholders.
 
 ``python -m scope.mini.train --all`` (``make model``) retrains and saves both checkpoints; every stage has a
 tqdm bar and appends to ``training_log.csv`` (held-out accuracy over training time).
@@ -247,9 +252,8 @@ def train_tower(
     ``zoom``: share of images that are full-resolution crops (see ``scene_batch``).
     """
     tower = model.model.vision_tower
-    with (
-        torch.no_grad()
-    ):  # 2-D sin-cos initial position embeddings (as MAE): position is readable from step 0
+    # 2-D sin-cos initial position embeddings (as MAE): position is readable from step 0
+    with torch.no_grad():
         pos = tower.embeddings.position_embedding.weight
         pos[1:] = sincos_2d(GRID, pos.shape[1]).to(pos.dtype)
         pos[0] = 0
