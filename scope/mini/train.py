@@ -13,8 +13,9 @@ Recipe (two stages, as LLaVA; see data/minillava/README.md for why):
    grad (bf16), and each training sequence packs several question/answer turns about one image
    (LLaVA-1.5's multi-turn format with the image first, loss on the answers only).
 
-Status (issue 4): the patch features do not yet carry object shape (probe at the prior), and stage 2 stays
-at chance on them; with oracle patch features stage 2 does learn. The shipped checkpoints are placeholders.
+Status (issue 4): the patch features do not yet carry object shape (probe at the prior) and stage 2 stays at
+chance on them; with oracle patch features stage 2 learns only the reading family within 500 steps. The
+shipped checkpoints are placeholders.
 
 ``python -m scope.mini.train --all`` (``make model``) retrains and saves both checkpoints; every stage has a
 tqdm bar and appends to ``training_log.csv`` (held-out accuracy over training time).
