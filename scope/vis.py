@@ -175,6 +175,16 @@ def dim_dropped(image, kept, grid: int | tuple[int, int], dim: float = 0.3) -> n
     return np.where(keep[..., None], arr, arr * dim)
 
 
+def _bare_axes(ax, title: str | None = None):
+    """An image axis without ticks or grid, titled when ``title`` is given."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
 def draw_kept_tokens(
     image,
     kept,
@@ -201,12 +211,7 @@ def draw_kept_tokens(
                 (c * w / cols, r * h / rows), w / cols, h / rows, fill=False, lw=0.6, ec=edge, alpha=0.9
             )
         )
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.grid(False)
-    if title:
-        ax.set_title(title)
-    return ax
+    return _bare_axes(ax, title)
 
 
 def draw_token_map(
@@ -239,12 +244,7 @@ def draw_token_map(
     cbar = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
     if label:
         cbar.set_label(label)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.grid(False)
-    if title:
-        ax.set_title(title)
-    return ax
+    return _bare_axes(ax, title)
 
 
 def plot_kept_tokens(
