@@ -182,3 +182,45 @@ def test_target_status_names_every_missed_target(tmp_path):
     card = write_card(tmp_path, "X", "LlavaForConditionalGeneration", "recipe", {**bad, "status": status})
     text = card.read_text()
     assert f"Status: {status}" in text and "| counting | 50.0% | 95.0% |" in text
+
+
+def test_grouping_loss_is_minus_log_attention_mass_on_own_object():
+    from scope.mini import train
+    from scope.mini.model import build_config, build_model, build_tokenizer, build_vocab
+
+    tok = build_tokenizer(build_vocab(n_scenes=100))
+    model = build_model(build_config(tok, vision_layers=3, vision_width=32, lm_layers=1, lm_width=32))
+    tower = model.model.vision_tower
+    with torch.no_grad():  # zero queries -> uniform attention over CLS + 576 patches
+        for layer in tower.encoder.layers:
+            layer.self_attn.q_proj.weight.zero_()
+            layer.self_attn.q_proj.bias.zero_()
+    kept = []
+    train.tower_hidden(tower, torch.randn(2, 3, 192, 192), keep=kept)
+    assert len(kept) == 2  # inputs of the layers before layer -2's output
+    owner = torch.zeros(2, 576, dtype=torch.long)
+    owner[0, :10], owner[0, 10:13], owner[1, 100:150] = 1, 2, 3
+    # own-object patch counts over 577 keys, averaged over the 10 + 3 + 50 object patches
+    expected = -(10 * np.log(10 / 577) + 3 * np.log(3 / 577) + 50 * np.log(50 / 577)) / 63
+    got = train.grouping_loss(tower, kept, owner)
+    assert abs(got.item() - expected) < 1e-4
+    assert train.grouping_loss(tower, kept, torch.zeros_like(owner)).item() == 0.0
+
+
+def test_name_positions_are_the_colour_and_shape_words_of_each_question():
+    from scope.mini import train
+    from scope.mini.model import build_tokenizer, build_vocab
+
+    tok = build_tokenizer(build_vocab(n_scenes=100))
+    seq = train.Seq(tok)
+    qas = [
+        {"question": "What colour is the square?", "answer": "red"},
+        {"question": "Is there a blue circle in the image? Answer yes or no.", "answer": "no"},
+        {"question": "How many triangles are there in the image?", "answer": "2"},
+    ]
+    ids, _, _, qpos = seq.build_with_positions(qas, n_image=5)
+    words = [
+        tok.convert_ids_to_tokens([ids[p] for p in train.name_positions(seq, ids, qa["question"], qp)])
+        for qa, qp in zip(qas, qpos)
+    ]
+    assert words == [["square"], ["blue", "circle"], ["triangles"]]
