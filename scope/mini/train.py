@@ -972,7 +972,7 @@ def main(argv=None) -> None:
         "--curriculum-hold", type=int, default=1200, help="stage-2 steps at 3%% background tokens first"
     )
     p.add_argument("--next-pool", type=int, default=1200)
-    p.add_argument("--next-steps", type=int, default=150)
+    p.add_argument("--next-steps", type=int, default=40)
     p.add_argument("--next-batch", type=int, default=8)
     p.add_argument("--next-lr", type=float, default=3e-4)
     args = p.parse_args(argv)
