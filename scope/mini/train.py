@@ -182,6 +182,12 @@ def tower_hidden(
     return h
 
 
+def head0(proj: nn.Linear, x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The first head's slice of an attention projection, without computing the other heads."""
+    bias = proj.bias[:head_dim] if proj.bias is not None else None
+    return F.linear(x, proj.weight[:head_dim], bias)
+
+
 def grouping_loss(tower, inputs: list[torch.Tensor], owner: torch.Tensor, layers=(0, 1)) -> torch.Tensor:
     """-log of the attention mass head 0 of ``layers`` puts, from each object patch, on its own object.
 
@@ -201,9 +207,7 @@ def grouping_loss(tower, inputs: list[torch.Tensor], owner: torch.Tensor, layers
         layer = tower.encoder.layers[i]
         attn = layer.self_attn
         x = layer.layer_norm1(inputs[i]).float()
-        b, n, _ = x.shape
-        q = attn.q_proj(x)[..., : attn.head_dim]
-        k = attn.k_proj(x)[..., : attn.head_dim]
+        q, k = head0(attn.q_proj, x, attn.head_dim), head0(attn.k_proj, x, attn.head_dim)
         logp = torch.log_softmax((q @ k.transpose(1, 2)) * attn.scale, dim=-1)[:, 1:, 1:]  # patch -> patch
         hit = torch.logsumexp(logp.masked_fill(~same, float("-inf")), dim=-1)
         losses.append(-hit[obj].mean())
@@ -398,6 +402,7 @@ class Seq:
         self.v = v
         self.bos, self.eos, self.pad = v["<s>"], v["</s>"], v["<pad>"]
         self.user, self.asst, self.colon, self.img = v["USER"], v["ASSISTANT"], v[":"], v["<image>"]
+        self.names = {v[w] for w in [*C_LIST, *S_LIST, *(x + "s" for x in S_LIST)] if w in v}  # name words
 
     def words(self, text: str) -> list[int]:
         return [self.v.get(w, self.v["<unk>"]) for w in _words(text)]
@@ -497,8 +502,8 @@ def grounding_loss(
         if layers is not None and i not in layers:
             continue
         hd = attn.head_dim
-        q = attn.q_proj(h[qb, qp]).view(len(qb), -1, hd)[:, 0]  # [n, hd]
-        k = attn.k_proj(h).view(h.shape[0], h.shape[1], -1, hd)[:, :, 0]  # [B, L, hd]
+        q = head0(attn.q_proj, h[qb, qp], hd)  # [n, hd]
+        k = head0(attn.k_proj, h, hd)  # [B, L, hd]
         c, s = cos[0], sin[0]  # positions are 0..L-1 in every row (right padding)
         q = q * c[qp] + _rotate_half(q) * s[qp]
         k = k * c + _rotate_half(k) * s
@@ -514,10 +519,9 @@ def name_positions(seq: Seq, ids: list[int], question: str, qpos: int) -> torch.
 
     In ``Seq``'s layout the question words sit right before ``ASSISTANT :`` (``qpos`` is the colon).
     """
-    names = {seq.v[w] for w in [*C_LIST, *S_LIST, *(x + "s" for x in S_LIST)] if w in seq.v}
     n_words = len(seq.words(question))
     span = range(qpos - 1 - n_words, qpos - 1)
-    return torch.tensor([p for p in span if ids[p] in names], dtype=torch.long)
+    return torch.tensor([p for p in span if ids[p] in seq.names], dtype=torch.long)
 
 
 def train_lm(
