@@ -52,25 +52,14 @@ def tiny_tokenizer(extra_words: tuple[str, ...] = ()):
 
     Words split on whitespace; unknown words map to ``<unk>``. Padding is on the left, as generation needs.
     """
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import pre_tokenizers
+
+    from scope.mini.model import word_tokenizer
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL)}
     for word in (*WORDS, *extra_words):
         vocab.setdefault(word, len(vocab))
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    # special + not normalized: the processor glues N copies "<image><image>..." without spaces
-    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>"},
-        padding_side="left",
-    )
+    tok = word_tokenizer(vocab, pre_tokenizers.WhitespaceSplit(), SPECIAL)
     tok.chat_template = CHAT_TEMPLATE
     return tok
 

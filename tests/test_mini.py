@@ -84,7 +84,10 @@ def test_a_few_training_steps_reduce_the_loss():
     seq = train.Seq(tok)
     log_rows = []
     log = lambda *row: log_rows.append(row)  # noqa: E731
-    train.train_tower(model, steps=12, batch=4, lr=3e-3, seed=0, log=log, window=6)
+    train.train_tower(model, steps=12, batch=4, lr=3e-3, seed=0, log=log, window=6, local=False, warmup=8)
+    warm = [r[3]["dense"] for r in log_rows if r[0] == "tower-warmup" and "dense" in r[3]]
+    assert len(warm) == 1  # logged every 25 steps: step 0 only
+    assert [r[3] for r in log_rows if r[0] == "tower-warmup" and "probe_shape" in r[3]]
     tower_losses = [r[3]["dense"] for r in log_rows if r[0] == "tower" and "dense" in r[3]]
     assert tower_losses[-1] < tower_losses[0]
     probes = [r[3] for r in log_rows if r[0] == "tower" and "probe_colour" in r[3]]
@@ -167,6 +170,29 @@ def test_sincos_position_embeddings_tell_every_patch_apart():
     d = torch.cdist(e, e) + torch.eye(576) * 1e3
     assert d.min() > 0.1  # distinct positions
     assert d[0].argmin() in (1, 24)  # the nearest position is a grid neighbour
+
+
+def test_local_attention_init_points_each_head_at_its_offset():
+    from scope.mini import train as T
+    from scope.mini.model import build_config, build_model, build_tokenizer
+
+    model = build_model(build_config(build_tokenizer()), seed=0)
+    model.set_attn_implementation("eager")
+    tower = model.model.vision_tower
+    T.local_attention_init(tower)
+    _, px, _, _ = T.scene_batch([T.VAL_SEED_BASE, T.VAL_SEED_BASE + 1])
+    with torch.no_grad():
+        att = tower(px, output_attentions=True).attentions
+    for layer, heads in T.LOCAL_OFFSETS.items():
+        for head, (dr, dc) in heads.items():
+            for r, c in ((10, 10), (5, 17)):  # interior patches, whatever the image shows there
+                i, j = 1 + r * 24 + c, 1 + (r + dr) * 24 + (c + dc)
+                assert att[layer][:, head, i, j].min() > 0.95, (layer, head, r, c)
+    # the heads left free (grouping loss, CLS) are not local
+    assert att[0][:, 0, 1 + 10 * 24 + 10].max() < 0.5
+    small = build_model(build_config(build_tokenizer(), vision_width=32), seed=0).model.vision_tower
+    with pytest.raises(ValueError, match="hidden_size=32"):
+        T.local_attention_init(small)
 
 
 def test_target_status_names_every_missed_target(tmp_path):

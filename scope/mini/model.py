@@ -63,25 +63,37 @@ def build_vocab(n_scenes: int = 3000) -> list[str]:
     return SPECIAL + sorted(words)
 
 
-def build_tokenizer(vocab: list[str] | None = None) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer (BOS prepended, ``<image>`` a special token so glued copies split)."""
-    vocab = vocab or build_vocab()
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
-    tok.pre_tokenizer = _PRE
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab.index("<s>"))]
-    )
+def word_tokenizer(
+    vocab: dict[str, int], pre_tokenizer, special: list[str], post_processor=None, **kwargs
+) -> PreTrainedTokenizerFast:
+    """A fast word-level tokenizer built offline: ``<unk>``/``<pad>``/``<s>``/``</s>`` and ``<image>`` as
+    special, unnormalised tokens (the processor glues N copies ``<image><image>...`` without spaces), left
+    padding as generation needs. Shared by MiniLLaVA and the tiny test models of ``scope.testing``."""
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizer
+    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    if post_processor is not None:
+        core.post_processor = post_processor
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=core,
         unk_token="<unk>",
         pad_token="<pad>",
         bos_token="<s>",
         eos_token="</s>",
         extra_special_tokens={"image_token": "<image>"},
         padding_side="left",
-        model_max_length=4096,
+        **kwargs,
     )
+
+
+def build_tokenizer(vocab: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer (BOS prepended, ``<image>`` a special token so glued copies split)."""
+    vocab = vocab or build_vocab()
+    bos = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab.index("<s>"))]
+    )
+    ids = {w: i for i, w in enumerate(vocab)}
+    return word_tokenizer(ids, _PRE, SPECIAL, post_processor=bos, model_max_length=4096)
 
 
 def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaProcessor:

@@ -182,6 +182,84 @@ def tower_hidden(
     return h
 
 
+# Local attention at initialisation. A ViT has no locality prior, and on a CPU budget it does not find one:
+# trained on per-patch shape labels alone (batch 16, lr 1e-3, 400 steps), the tower reached 0.51 from the
+# sin-cos initialisation and 0.77 from this one (a 7-layer CNN: 0.90 after 300 steps). The initialisation
+# writes a 2-D sin-cos position code into the last ``LOCAL_POS_CHANNELS`` channels, which the patch
+# embedding, CLS embedding and every residual write leave at zero (they are free to learn), and sets the
+# query/key weights of the heads in ``LOCAL_OFFSETS`` so that each patch attends to the patch at a fixed grid
+# offset (a rotation of the query's position code by that offset): three layers of such heads act like a
+# small convolution stack over neighbouring patches (as in Cordonnier et al. 2020, "On the relationship
+# between self-attention and convolutional layers"). Head 0 of layers 0-1 is left to the grouping loss and
+# head 0 of layer 2 free for the CLS token. Only weights are set: the checkpoint is a plain CLIP ViT.
+LOCAL_POS_CHANNELS = 32
+LOCAL_FREQS = np.geomspace(0.5, 3.0, LOCAL_POS_CHANNELS // 4)  # radians per patch; one clean peak in 24
+LOCAL_OFFSETS = {  # layer -> {head: (row offset, column offset)}
+    0: {1: (0, 1), 2: (1, 0), 3: (1, 1)},
+    1: {1: (0, -1), 2: (-1, 0), 3: (-1, -1)},
+    2: {1: (0, 2), 2: (2, 0), 3: (-2, -2)},
+}
+
+
+def local_position_code(grid: int = GRID) -> torch.Tensor:
+    """[grid * grid, 4 * len(LOCAL_FREQS)] sin/cos of row then column at ``LOCAL_FREQS`` (raster order)."""
+    freqs = torch.tensor(LOCAL_FREQS, dtype=torch.float64)
+    rows = torch.arange(grid, dtype=torch.float64).repeat_interleave(grid)
+    cols = torch.arange(grid, dtype=torch.float64).repeat(grid)
+    parts = []
+    for axis in (rows, cols):
+        ang = axis[:, None] * freqs[None]
+        parts += [ang.sin(), ang.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+def _shift(d: int) -> torch.Tensor:
+    """Linear map taking one axis' (sin, cos) code at x to the code at x + d."""
+    n = len(LOCAL_FREQS)
+    m = torch.zeros(2 * n, 2 * n, dtype=torch.float64)
+    for f, w in enumerate(LOCAL_FREQS):
+        c, s = math.cos(w * d), math.sin(w * d)
+        m[f, f], m[f, n + f] = c, s  # sin(x + d) = sin x cos d + cos x sin d
+        m[n + f, n + f], m[n + f, f] = c, -s  # cos(x + d) = cos x cos d - sin x sin d
+    return m
+
+
+@torch.no_grad()
+def local_attention_init(tower, beta: float = 2.0) -> None:
+    """Initialise ``tower`` (a CLIP vision model) so the heads of ``LOCAL_OFFSETS`` attend to grid neighbours.
+
+    ``beta`` scales the queries: at 2.0 each such head puts > 0.95 of its attention on its target patch at
+    initialisation (checked in the tests). See the comment above ``LOCAL_POS_CHANNELS``.
+    """
+    width = tower.config.hidden_size
+    head_dim = width // tower.config.num_attention_heads
+    if width < 2 * LOCAL_POS_CHANNELS or head_dim < LOCAL_POS_CHANNELS:
+        raise ValueError(
+            f"local_attention_init needs hidden_size >= {2 * LOCAL_POS_CHANNELS} and head_dim >= "
+            f"{LOCAL_POS_CHANNELS}; got hidden_size={width}, head_dim={head_dim} (use local=False)"
+        )
+    pc = slice(width - LOCAL_POS_CHANNELS, width)
+    emb = tower.embeddings
+    pos = emb.position_embedding.weight
+    pos.zero_()
+    pos[1:, pc] = local_position_code(int(round(math.sqrt(pos.shape[0] - 1)))).to(pos.dtype)
+    emb.patch_embedding.weight[pc] = 0
+    emb.class_embedding[pc] = 0
+    for i, layer in enumerate(tower.encoder.layers):
+        attn = layer.self_attn
+        attn.out_proj.weight[pc] = 0  # residual writes keep the position code intact at initialisation
+        layer.mlp.fc2.weight[pc] = 0
+        for h, (dr, dc) in LOCAL_OFFSETS.get(i, {}).items():
+            rows = slice(h * attn.head_dim, (h + 1) * attn.head_dim)
+            for proj in (attn.q_proj, attn.k_proj):
+                proj.weight[rows] = 0
+                if proj.bias is not None:
+                    proj.bias[rows] = 0
+            code = slice(h * attn.head_dim, h * attn.head_dim + LOCAL_POS_CHANNELS)  # the head's first dims
+            attn.q_proj.weight[code, pc] = beta * torch.block_diag(_shift(dr), _shift(dc)).float()
+            attn.k_proj.weight[code, pc] = torch.eye(LOCAL_POS_CHANNELS)
+
+
 def head0(proj: nn.Linear, x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """The first head's slice of an attention projection, without computing the other heads."""
     bias = proj.bias[:head_dim] if proj.bias is not None else None
@@ -246,15 +324,26 @@ class TowerHeads(nn.Module):
     DENSE_ROWS = (0, 1, 2, 3, 4, 6, 7)  # rows of ``patch_labels`` the dense heads predict (5 = owner is not)
     DENSE_NAMES = ("colour", "shape", "size", "glyph", "centre", "row", "col")
 
-    def loss(self, hidden: torch.Tensor, dense: torch.Tensor, cls: torch.Tensor) -> dict[str, torch.Tensor]:
-        h_cls, h_patch = self.norm_cls(hidden[:, 0]), self.norm_patch(hidden[:, 1:])
+    def loss(
+        self, hidden: torch.Tensor, dense: torch.Tensor, cls: torch.Tensor | None, only: tuple[str, ...] = ()
+    ) -> dict[str, torch.Tensor]:
+        """CLS and dense losses; ``only`` = names of the dense heads to train alone (no CLS loss)."""
+        h_patch = self.norm_patch(hidden[:, 1:])
+        obj = dense[:, 5].flatten() > 0
+        if only:
+            l_dense = 0.0
+            for name, k, head in zip(self.DENSE_NAMES, self.DENSE_ROWS, self.dense):
+                if name in only:
+                    ce = F.cross_entropy(head(h_patch).flatten(0, 1), dense[:, k].flatten(), reduction="none")
+                    l_dense = l_dense + ce.mean() + (ce[obj].mean() if obj.any() else 0.0)
+            return {"dense": l_dense}
+        h_cls = self.norm_cls(hidden[:, 0])
         n_pres = len(C_LIST) * len(S_LIST)
         l_pres = F.binary_cross_entropy_with_logits(self.presence(h_cls), cls[:, :n_pres])
         counts = self.counts(h_cls).view(len(h_cls), -1, 8)
         l_count = F.cross_entropy(counts.flatten(0, 1), cls[:, n_pres:].long().clamp(max=7).flatten())
         # Object patches are ~5% of a scene: a plain mean over patches is met by predicting "background"
         # everywhere, so each head also gets the mean loss over object patches alone.
-        obj = dense[:, 5].flatten() > 0
         l_dense = 0.0
         for k, head in zip(self.DENSE_ROWS, self.dense):
             ce = F.cross_entropy(head(h_patch).flatten(0, 1), dense[:, k].flatten(), reduction="none")
@@ -287,26 +376,58 @@ def train_tower(
     probe_every: int = 300,
     group: float = 0.0,
     pos_scale: float = 0.1,
+    local: bool = True,
+    warmup: int = 500,
 ) -> None:
     """Stage 1: CLS + dense objectives; windows of ``window`` patches first, full images for the last steps.
 
     ``zoom``: share of images that are full-resolution crops (see ``scene_batch``); ``group`` > 0 adds
-    ``grouping_loss`` with that weight.
+    ``grouping_loss`` with that weight. ``local``: start from ``local_attention_init``; otherwise from
+    2-D sin-cos position embeddings scaled by ``pos_scale``.
+
+    ``warmup``: steps on full images (batch / 2) with the shape and digit heads alone, before the main loop
+    (which restarts the optimiser). In the full multitask loss the shape probe stayed at 0.41-0.47 after
+    300-450 steps, with or without the grouping loss, the zoomed crops, the CLS loss or a 3x shape weight;
+    after 500 warm-up steps it was 0.73, and 0.80 after 300 further multitask steps. The digit probe did
+    not move in the warm-up (0.41, the share of object patches without a digit).
     """
     tower = model.model.vision_tower
-    # 2-D sin-cos initial position embeddings (as MAE): position is readable from step 0. Scaled by
+    # Without ``local``: 2-D sin-cos initial position embeddings (as MAE): position is readable from step 0. Scaled by
     # ``pos_scale``: at full scale they outweigh the patch content after the pre-layer norm (shape-only
     # training at lr 1e-3: probe 0.45 after 300 steps at scale 0.1, 0.41-0.43 after 250 at scale 1).
-    with torch.no_grad():
-        pos = tower.embeddings.position_embedding.weight
-        pos[1:] = pos_scale * sincos_2d(GRID, pos.shape[1]).to(pos.dtype)
-        pos[0] = 0
+    if local:
+        local_attention_init(tower)
+    else:
+        with torch.no_grad():
+            pos = tower.embeddings.position_embedding.weight
+            pos[1:] = pos_scale * sincos_2d(GRID, pos.shape[1]).to(pos.dtype)
+            pos[0] = 0
     heads = TowerHeads(tower.config.hidden_size)
     params = list(tower.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     rng = np.random.default_rng(seed)
     tower.train()
     t0 = time.time()
+    if warmup:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+        bar = tqdm(range(warmup), desc="stage 1: warm-up (shape, digit)")
+        for step in bar:
+            for g in opt.param_groups:
+                g["lr"] = lr * min(1.0, (step + 1) / 50)
+            _, px, dense, _ = scene_batch(rng.integers(0, VAL_SEED_BASE, size=max(4, batch // 2)))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                hidden = tower_hidden(tower, px)
+            loss = heads.loss(hidden.float(), dense, None, only=("shape", "glyph"))["dense"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            bar.set_postfix(dense=f"{loss.item():.3f}")
+            if step % 25 == 0:
+                log("tower-warmup", step, time.time() - t0, {"dense": loss.item()})
+        probe = _probe(tower, heads)
+        log("tower-warmup", warmup, time.time() - t0, probe)
+        tqdm.write("tower probes after the warm-up: " + " ".join(f"{k}={v:.3f}" for k, v in probe.items()))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     bar = tqdm(range(steps), desc="stage 1: vision tower")
     for step in bar:
         for g in opt.param_groups:
@@ -745,7 +866,9 @@ def _run_info(model, tok, log, args) -> dict:
 def mini_recipe(args) -> str:
     """The MiniLLaVA recipe as the model card states it, from the training arguments."""
     return (
-        f"1. Vision tower, {args.tower_steps} AdamW steps (lr {args.tower_lr}, cosine), batch {args.tower_batch} "
+        f"1. Vision tower: first {getattr(args, 'tower_warmup', 0)} warm-up steps on full images (batch "
+        f"{max(4, args.tower_batch // 2)}) with only the per-patch shape and digit losses, then "
+        f"{args.tower_steps} AdamW steps (lr {args.tower_lr}, cosine), batch {args.tower_batch} "
         f"scenes, on {args.tower_window}x{args.tower_window}-patch windows (with their true position embeddings; "
         f"the last 15% of steps on full images, batch / 4); {100 * args.tower_zoom:.0f}% of the images are "
         "full-resolution 192 px crops of the 384 px render (the scale LLaVA-NeXT's grid crops show). Loss on the "
@@ -755,8 +878,15 @@ def mini_recipe(args) -> str:
         "over object patches). The heads are discarded; the last tower layer is never read by LLaVA and stays "
         "at its initialisation. Plus a grouping loss (weight "
         f"{args.tower_group}): head 0 of vision layers 0-1 is trained to attend from each object patch to the "
-        "patches of its own object. Position embeddings start as 2-D sin-cos scaled by 0.1. "
-        "`training_log.csv` has the linear-probe accuracy of each head.\n"
+        "patches of its own object. "
+        + (
+            "Position embeddings start as 2-D sin-cos scaled by 0.1. "
+            if getattr(args, "tower_no_local", False)
+            else "Initialised with local attention (`local_attention_init`): a sin-cos position code in 32 "
+            "channels, and 9 heads of layers 0-2 set to attend to a fixed neighbouring patch (offsets "
+            f"{LOCAL_OFFSETS}); all weights stay trainable. "
+        )
+        + "`training_log.csv` has the linear-probe accuracy of each head.\n"
         f"2. Projector + language model, tower frozen: layer -2 features of {args.pool} training scenes extracted "
         f"once (bf16); {args.lm_steps} AdamW steps (lr {args.lm_lr}, warm-up + cosine), batch {args.lm_batch} "
         f"conversations of {args.turns} question/answer turns about one image in the LLaVA-1.5 format "
@@ -794,6 +924,8 @@ def train_minillava(out_dir: Path, args) -> tuple:
             args.tower_window,
             zoom=args.tower_zoom,
             group=args.tower_group,
+            local=not args.tower_no_local,
+            warmup=args.tower_warmup,
         )
         if args.tower_ckpt is not None:
             torch.save(model.model.vision_tower.state_dict(), args.tower_ckpt)
@@ -961,19 +1093,25 @@ def main(argv=None) -> None:
     )
     p.add_argument("--tower-zoom", type=float, default=0.3, help="share of full-resolution crops in stage 1")
     p.add_argument("--tower-group", type=float, default=1.0, help="weight of the stage-1 grouping loss")
+    p.add_argument(
+        "--tower-warmup", type=int, default=500, help="stage-1 warm-up steps on the shape and digit heads"
+    )
+    p.add_argument(
+        "--tower-no-local", action="store_true", help="start stage 1 from sin-cos positions, no local heads"
+    )
     p.add_argument("--tower-ckpt", type=Path, default=None, help="reuse/save the stage-1 tower here")
     p.add_argument("--tower-only", action="store_true")
     p.add_argument("--feature-cache", type=Path, default=None, help="reuse/save stage-2 pool features here")
     p.add_argument("--pool", type=int, default=6000)
     p.add_argument("--lm-steps", type=int, default=2600)
     p.add_argument("--lm-batch", type=int, default=16)
-    p.add_argument("--turns", type=int, default=10)
+    p.add_argument("--turns", type=int, default=20)
     p.add_argument("--lm-lr", type=float, default=3e-3)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--ground", type=float, default=1.0, help="weight of the stage-2 grounding loss")
-    p.add_argument("--curriculum", type=int, default=1000, help="stage-2 steps to grow background tokens")
+    p.add_argument("--curriculum", type=int, default=800, help="stage-2 steps to grow background tokens")
     p.add_argument(
-        "--curriculum-hold", type=int, default=1200, help="stage-2 steps at 3%% background tokens first"
+        "--curriculum-hold", type=int, default=800, help="stage-2 steps at 3%% background tokens first"
     )
     p.add_argument("--next-pool", type=int, default=1200)
     p.add_argument("--next-steps", type=int, default=40)
