@@ -331,25 +331,22 @@ class TowerHeads(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """CLS and dense losses; ``only`` = names of the dense heads to train alone (no CLS loss)."""
         h_patch = self.norm_patch(hidden[:, 1:])
+        # Object patches are ~5% of a scene: a plain mean over patches is met by predicting "background"
+        # everywhere, so each head also gets the mean loss over object patches alone.
         obj = dense[:, 5].flatten() > 0
+        l_dense = 0.0
+        for name, k, head in zip(self.DENSE_NAMES, self.DENSE_ROWS, self.dense):
+            if only and name not in only:
+                continue
+            ce = F.cross_entropy(head(h_patch).flatten(0, 1), dense[:, k].flatten(), reduction="none")
+            l_dense = l_dense + ce.mean() + (ce[obj].mean() if obj.any() else 0.0)
         if only:
-            l_dense = 0.0
-            for name, k, head in zip(self.DENSE_NAMES, self.DENSE_ROWS, self.dense):
-                if name in only:
-                    ce = F.cross_entropy(head(h_patch).flatten(0, 1), dense[:, k].flatten(), reduction="none")
-                    l_dense = l_dense + ce.mean() + (ce[obj].mean() if obj.any() else 0.0)
             return {"dense": l_dense}
         h_cls = self.norm_cls(hidden[:, 0])
         n_pres = len(C_LIST) * len(S_LIST)
         l_pres = F.binary_cross_entropy_with_logits(self.presence(h_cls), cls[:, :n_pres])
         counts = self.counts(h_cls).view(len(h_cls), -1, 8)
         l_count = F.cross_entropy(counts.flatten(0, 1), cls[:, n_pres:].long().clamp(max=7).flatten())
-        # Object patches are ~5% of a scene: a plain mean over patches is met by predicting "background"
-        # everywhere, so each head also gets the mean loss over object patches alone.
-        l_dense = 0.0
-        for k, head in zip(self.DENSE_ROWS, self.dense):
-            ce = F.cross_entropy(head(h_patch).flatten(0, 1), dense[:, k].flatten(), reduction="none")
-            l_dense = l_dense + ce.mean() + (ce[obj].mean() if obj.any() else 0.0)
         return {"cls": l_pres + l_count, "dense": l_dense}
 
     @torch.no_grad()
@@ -868,7 +865,7 @@ def _run_info(model, tok, log, args) -> dict:
 def mini_recipe(args) -> str:
     """The MiniLLaVA recipe as the model card states it, from the training arguments."""
     return (
-        f"1. Vision tower: first {getattr(args, 'tower_warmup', 0)} warm-up steps on full images (batch "
+        f"1. Vision tower: first {args.tower_warmup} warm-up steps on full images (batch "
         f"{max(4, args.tower_batch // 2)}) with only the per-patch shape and digit losses, then "
         f"{args.tower_steps} AdamW steps (lr {args.tower_lr}, cosine), batch {args.tower_batch} "
         f"scenes, on {args.tower_window}x{args.tower_window}-patch windows (with their true position embeddings; "
@@ -883,7 +880,7 @@ def mini_recipe(args) -> str:
         "patches of its own object. "
         + (
             "Position embeddings start as 2-D sin-cos scaled by 0.1. "
-            if getattr(args, "tower_no_local", False)
+            if args.tower_no_local
             else "Initialised with local attention (`local_attention_init`): a sin-cos position code in 32 "
             "channels, and 9 heads of layers 0-2 set to attend to a fixed neighbouring patch (offsets "
             f"{LOCAL_OFFSETS}); all weights stay trainable. "
