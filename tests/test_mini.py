@@ -93,8 +93,8 @@ def test_a_few_training_steps_reduce_the_loss():
     probes = [r[3] for r in log_rows if r[0] == "tower" and "probe_colour" in r[3]]
     assert len(probes) == 1 and all(0.0 <= v <= 1.0 for v in probes[0].values())
     pool = np.arange(4)
-    feats = train.extract_features(model, pool, batch=4)
-    assert feats.shape == (4, 576, 32)
+    feats, masks = train.extract_features(model, pool, batch=4, with_masks=True)
+    assert feats.shape == (4, 576, 32) and masks.shape == (4, 576) and (masks > 0).any()
     log_rows.clear()
     train.train_lm(
         model,
@@ -110,9 +110,13 @@ def test_a_few_training_steps_reduce_the_loss():
         evaluate_fn=lambda: {},
         eval_every=1000,
         log_every=1,
+        masks=masks,
+        ground=1.0,
     )
     lm_losses = [r[3]["loss"] for r in log_rows if r[0] == "lm"]
     assert np.mean(lm_losses[-5:]) < np.mean(lm_losses[:5])
+    ground = [r[3]["ground"] for r in log_rows if r[0] == "lm" and "ground" in r[3]]
+    assert len(ground) == 30 and all(np.isfinite(g) and g > 0 for g in ground)  # attention targets every step
 
 
 def test_training_sequences_match_the_chat_template():
@@ -233,20 +237,149 @@ def test_grouping_loss_is_minus_log_attention_mass_on_own_object():
     assert train.grouping_loss(tower, kept, torch.zeros_like(owner)).item() == 0.0
 
 
-def test_name_positions_are_the_colour_and_shape_words_of_each_question():
+def test_turn_targets_name_each_object_apart_and_point_choices_at_the_right_option():
     from scope.mini import train
     from scope.mini.model import build_tokenizer, build_vocab
+    from scope.mini.synthbench import CHOICE_SUFFIX
 
     tok = build_tokenizer(build_vocab(n_scenes=100))
     seq = train.Seq(tok)
+    choice = "What colour is the square?\nA. blue\nB. red\nC. green\nD. yellow\n" + CHOICE_SUFFIX
     qas = [
-        {"question": "What colour is the square?", "answer": "red"},
-        {"question": "Is there a blue circle in the image? Answer yes or no.", "answer": "no"},
-        {"question": "How many triangles are there in the image?", "answer": "2"},
+        {"question": "What colour is the square?", "answer": "red", "family": "attribute", "refs": [1]},
+        {
+            "question": "Is the red circle above or below the blue square?",
+            "answer": "above",
+            "family": "spatial",
+            "refs": [2, 0],
+        },
+        {
+            "question": "How many triangles are there in the image?",
+            "answer": "0",
+            "family": "counting",
+            "refs": [],
+        },
+        {"question": choice, "answer": "B", "family": "choice", "refs": [1]},
     ]
-    ids, _, _, qpos = seq.build_with_positions(qas, n_image=5)
-    words = [
-        tok.convert_ids_to_tokens([ids[p] for p in train.name_positions(seq, ids, qa["question"], qp)])
+    ids, _, img_start, qpos = seq.build_with_positions(qas, n_image=6)
+    owners = torch.tensor([0, 2, 2, 1, 3, 0])  # 1 + object index of each image token
+    got = [
+        [
+            (kind, tok.convert_ids_to_tokens([ids[q]])[0], tok.convert_ids_to_tokens([ids[k] for k in keys]))
+            for kind, q, keys in train.turn_targets(seq, ids, qa, qp, owners, img_start)
+        ]
         for qa, qp in zip(qas, qpos)
     ]
-    assert words == [["square"], ["blue", "circle"], ["triangles"]]
+    img = ["<image>"]
+    assert got[0] == [
+        ("name_a", ":", ["square"]),
+        ("name_b", ":", ["square"]),
+        ("object_a", ":", img * 2),
+        ("object_b", ":", img * 2),
+    ]
+    assert got[1] == [
+        ("name_a", ":", ["red", "circle"]),
+        ("name_b", ":", ["blue", "square"]),
+        ("object_a", ":", img),
+        ("object_b", ":", img),
+    ]
+    assert got[2] == [("name_a", ":", ["triangles"]), ("name_b", ":", ["triangles"])]  # nothing to look at
+    assert got[3][:4] == got[0]  # the option words are not names
+    assert got[3][4:] == [
+        ("letter", "blue", ["A"]),
+        ("letter", "red", ["B"]),
+        ("option", ":", ["red"]),
+        ("letter", "green", ["C"]),
+        ("letter", "yellow", ["D"]),
+    ]
+    # object keys are the image tokens of the referenced object: image token j sits at img_start + j
+    spatial = dict(
+        (k, keys.tolist()) for k, _, keys in train.turn_targets(seq, ids, qas[1], qpos[1], owners, 3)
+    )
+    assert spatial["object_a"] == [img_start + 4] and spatial["object_b"] == [img_start + 3]
+
+
+def test_grounding_loss_is_minus_log_attention_mass_of_the_chosen_head():
+    from scope.mini import train
+    from scope.mini.model import build_config, build_model, build_tokenizer, build_vocab
+
+    tok = build_tokenizer(build_vocab(n_scenes=100))
+    model = build_model(build_config(tok, vision_layers=2, vision_width=32, lm_layers=2, lm_width=64))
+    model.config.text_config._attn_implementation = "eager"
+    ids = torch.randint(5, len(tok), (2, 12))
+    cap = train.AttentionInputs(model, [0, 1])
+    with torch.no_grad():
+        out = model.model.language_model(input_ids=ids, output_attentions=True)
+    cap.remove()
+    qb, qp = torch.tensor([0, 1, 1]), torch.tensor([7, 11, 4])
+    target = torch.zeros(3, 12, dtype=torch.bool)
+    target[0, [1, 2]], target[1, [3, 10]], target[2, [0]] = True, True, True
+    for layer, head in ((0, 0), (1, 2)):
+        att = out.attentions[layer][qb, head, qp]  # [3, 12] attention of each query
+        expected = -torch.log((att * target).sum(-1)).mean()
+        got = train.grounding_loss(cap, qb, qp, target, (layer,), head)
+        assert torch.allclose(got, expected, atol=1e-5), (layer, head, got, expected)
+
+
+def test_next_owner_masks_follow_the_packed_anyres_order():
+    from scope.mini import train
+    from scope.mini.model import build_config, build_model, build_tokenizer, build_vocab
+    from scope.mini.next import build_next_processor, next_from_mini
+    from scope.mini.scenes import make_scene, render
+
+    tok = build_tokenizer(build_vocab(n_scenes=100))
+    mini = build_model(build_config(tok, vision_layers=2, vision_width=32, lm_layers=1, lm_width=32))
+    model, processor = next_from_mini(mini), build_next_processor(tok)
+    seeds = np.array([3, 11])
+    feats, masks = train.extract_next_features(model, processor, seeds, batch=2, with_masks=True)
+    assert feats.shape == (2, 5, 576, 32) and masks.shape == (2, 576 + 48 * 49)
+    im, ids = render(make_scene(3), 384, with_ids=True)
+    px = processor.image_processor([im], return_tensors="pt")["pixel_values"][0]
+    for k, box in enumerate(train.NEXT_CROPS[1:], start=1):  # the processor's grid crops, in NEXT_CROPS order
+        x, y, size = box
+        assert torch.allclose(px[k], train.pixels([im.crop((x, y, x + size, y + size))])[0], atol=1e-4)
+    owners = [torch.from_numpy(train.patch_labels(make_scene(3), ids, box)[5]) for box in train.NEXT_CROPS]
+    assert torch.equal(masks[0, :576].long(), owners[0])
+    grid = masks[0, 576:].long().view(48, 49)
+    assert (grid[:, 48] == 0).all()  # image_newline slots
+    for k, (r, c) in enumerate([(0, 0), (0, 24), (24, 0), (24, 24)], start=1):
+        assert torch.equal(grid[r : r + 24, c : c + 24].flatten(), owners[k])
+    assert set(masks[0].unique().tolist()) == set(range(len(make_scene(3).objects) + 1))
+    rows = []
+    train.train_lm(
+        model,
+        train.Seq(tok),
+        feats,
+        seeds,
+        steps=2,
+        batch=2,
+        turns=2,
+        lr=1e-3,
+        seed=0,
+        log=lambda *r: rows.append(r),
+        evaluate_fn=lambda: {},
+        eval_every=1000,
+        log_every=1,
+        masks=masks,
+        ground=1.0,
+    )
+    assert [np.isfinite(r[3]["ground"]) for r in rows if "ground" in r[3]] == [True, True]
+
+
+def test_ordinal_row_and_column_heads_decode_the_number_of_positive_thresholds():
+    from scope.mini import train
+
+    heads = train.TowerHeads(32)
+    label = torch.tensor([0, 1, 7, 24])  # background, row 0, row 6, row 23
+    exact = torch.where(label[:, None] > torch.arange(24), 9.0, -9.0)
+    assert heads._predict("row", exact).tolist() == label.tolist()
+    assert heads._dense_loss("row", exact, label).max() < 1e-3
+    off_by_one = torch.where(label[:, None] > torch.arange(24) + 1, 9.0, -9.0)
+    wrong = heads._dense_loss("row", off_by_one, label)
+    assert (wrong[1:] > 0.3).all() and heads._predict("col", off_by_one).tolist() == [0, 0, 6, 23]
+    # the other heads keep plain cross-entropy over classes
+    logits = torch.randn(4, 7)
+    assert torch.allclose(
+        heads._dense_loss("colour", logits, label.clamp(max=6)),
+        torch.nn.functional.cross_entropy(logits, label.clamp(max=6), reduction="none"),
+    )

@@ -54,7 +54,7 @@ from scope.mini.model import (
 )
 from scope.mini.next import NEXT_IMAGE_SIZE, build_next_processor, next_from_mini
 from scope.mini.scenes import COLORS, DIGITS, RENDER_SIZE, SHAPES, Scene, make_scene, render
-from scope.mini.synthbench import FAMILIES, heldout_items, make_question
+from scope.mini.synthbench import FAMILIES, LETTERS, heldout_items, make_question
 from scope.paths import MINILLAVA_DIR, MINILLAVA_NEXT_DIR
 
 VAL_SEED_BASE = 900_000_000  # validation scenes for the training curve; the test split is never trained on
@@ -262,10 +262,11 @@ def local_attention_init(tower, beta: float = 2.0) -> None:
             attn.k_proj.weight[code, pc] = torch.eye(LOCAL_POS_CHANNELS)
 
 
-def head0(proj: nn.Linear, x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """The first head's slice of an attention projection, without computing the other heads."""
-    bias = proj.bias[:head_dim] if proj.bias is not None else None
-    return F.linear(x, proj.weight[:head_dim], bias)
+def head_slice(proj: nn.Linear, x: torch.Tensor, head_dim: int, head: int = 0) -> torch.Tensor:
+    """One head's slice of an attention projection, without computing the other heads."""
+    rows = slice(head * head_dim, (head + 1) * head_dim)
+    bias = proj.bias[rows] if proj.bias is not None else None
+    return F.linear(x, proj.weight[rows], bias)
 
 
 def grouping_loss(tower, inputs: list[torch.Tensor], owner: torch.Tensor, layers=(0, 1)) -> torch.Tensor:
@@ -287,7 +288,7 @@ def grouping_loss(tower, inputs: list[torch.Tensor], owner: torch.Tensor, layers
         layer = tower.encoder.layers[i]
         attn = layer.self_attn
         x = layer.layer_norm1(inputs[i]).float()
-        q, k = head0(attn.q_proj, x, attn.head_dim), head0(attn.k_proj, x, attn.head_dim)
+        q, k = head_slice(attn.q_proj, x, attn.head_dim), head_slice(attn.k_proj, x, attn.head_dim)
         logp = torch.log_softmax((q @ k.transpose(1, 2)) * attn.scale, dim=-1)[:, 1:, 1:]  # patch -> patch
         hit = torch.logsumexp(logp.masked_fill(~same, float("-inf")), dim=-1)
         losses.append(-hit[obj].mean())
@@ -321,10 +322,26 @@ class TowerHeads(nn.Module):
         self.presence = nn.Linear(width, len(C_LIST) * len(S_LIST))
         self.counts = nn.Linear(width, (len(S_LIST) + len(C_LIST)) * 8)
         sizes = [1 + len(C_LIST), 1 + len(S_LIST), 3, 1 + len(DIGITS), 1 + len(C_LIST) * len(S_LIST)]
-        self.dense = nn.ModuleList(nn.Linear(width, k) for k in sizes + [1 + GRID, 1 + GRID])
+        self.dense = nn.ModuleList(nn.Linear(width, k) for k in sizes + [GRID, GRID])
 
     DENSE_ROWS = (0, 1, 2, 3, 4, 6, 7)  # rows of ``patch_labels`` the dense heads predict (5 = owner is not)
     DENSE_NAMES = ("colour", "shape", "size", "glyph", "centre", "row", "col")
+    # Grid row / column are ordinal: GRID thresholds "label > j" (BCE), so the label (0 = background, else
+    # 1 + row) is the number of positive logits and the features carry position along one direction, which
+    # makes comparing two objects' positions (spatial questions) a linear read-out for the LM.
+    ORDINAL = ("row", "col")
+    ORDINAL_WEIGHT = 4.0  # BCE is averaged over GRID thresholds; x4 puts it on the scale of the CE heads
+
+    def _dense_loss(self, name: str, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Per-patch loss of one dense head: cross-entropy, or the ordinal BCE of ``ORDINAL`` heads."""
+        if name not in self.ORDINAL:
+            return F.cross_entropy(logits, label, reduction="none")
+        steps = (label[:, None] > torch.arange(logits.shape[-1])).float()
+        bce = F.binary_cross_entropy_with_logits(logits, steps, reduction="none")
+        return self.ORDINAL_WEIGHT * bce.mean(-1)
+
+    def _predict(self, name: str, logits: torch.Tensor) -> torch.Tensor:
+        return (logits > 0).sum(-1) if name in self.ORDINAL else logits.argmax(-1)
 
     def loss(
         self, hidden: torch.Tensor, dense: torch.Tensor, cls: torch.Tensor | None, only: tuple[str, ...] = ()
@@ -338,7 +355,7 @@ class TowerHeads(nn.Module):
         for name, k, head in zip(self.DENSE_NAMES, self.DENSE_ROWS, self.dense):
             if only and name not in only:
                 continue
-            ce = F.cross_entropy(head(h_patch).flatten(0, 1), dense[:, k].flatten(), reduction="none")
+            ce = self._dense_loss(name, head(h_patch).flatten(0, 1), dense[:, k].flatten())
             l_dense = l_dense + ce.mean() + (ce[obj].mean() if obj.any() else 0.0)
         if only:
             return {"dense": l_dense}
@@ -356,7 +373,7 @@ class TowerHeads(nn.Module):
         obj = dense[:, 5] > 0
         out = {}
         for name, k, head in zip(self.DENSE_NAMES, self.DENSE_ROWS, self.dense):
-            pred = head(h_patch).argmax(-1)
+            pred = self._predict(name, head(h_patch))
             sel = obj if name != "centre" else dense[:, 4] > 0
             out[f"probe_{name}"] = float((pred[sel] == dense[:, k][sel]).float().mean())
         return out
@@ -523,6 +540,8 @@ class Seq:
         self.bos, self.eos, self.pad = v["<s>"], v["</s>"], v["<pad>"]
         self.user, self.asst, self.colon, self.img = v["USER"], v["ASSISTANT"], v[":"], v["<image>"]
         self.names = {v[w] for w in [*C_LIST, *S_LIST, *(x + "s" for x in S_LIST)] if w in v}  # name words
+        self.letters = {v[w] for w in LETTERS if w in v}
+        self.qmark, self.dot = v.get("?", -1), v.get(".", -1)
 
     def words(self, text: str) -> list[int]:
         return [self.v.get(w, self.v["<unk>"]) for w in _words(text)]
@@ -609,21 +628,23 @@ def grounding_loss(
     qp: torch.Tensor,
     target: torch.Tensor,
     layers: tuple[int, ...] | None = None,
+    head: int = 0,
 ) -> torch.Tensor:
-    """-log of the attention mass head 0 puts on the referenced object's image tokens, from the answer query.
+    """-log of the attention mass ``head`` of ``layers`` puts on the ``target`` keys, from chosen queries.
 
-    ``qb``/``qp``: batch row and position of each answer-predicting query; ``target`` [n, L] marks the image
-    tokens of the objects the answer depends on. Recomputed from the captured layer input (RoPE included), so
-    the LM keeps its fast SDPA kernel. This is grounding supervision at training time only: it teaches the
-    toy LM *where* to look, which it otherwise finds only after a long plateau.
+    ``qb``/``qp``: batch row and position of each query; ``target`` [n, L] marks the keys it should attend to
+    (the image tokens of the objects an answer depends on, or words of the conversation). Recomputed from the
+    captured layer input (RoPE included), so the LM keeps its fast SDPA kernel. This is attention supervision
+    at training time only: it teaches the toy LM *where* to look, which it otherwise finds only after a long
+    plateau.
     """
     losses = []
     for i, (attn, h, (cos, sin)) in cap.inputs.items():
         if layers is not None and i not in layers:
             continue
         hd = attn.head_dim
-        q = head0(attn.q_proj, h[qb, qp], hd)  # [n, hd]
-        k = head0(attn.k_proj, h, hd)  # [B, L, hd]
+        q = head_slice(attn.q_proj, h[qb, qp], hd, head)  # [n, hd]
+        k = head_slice(attn.k_proj, h, hd, head)  # [B, L, hd]
         c, s = cos[0], sin[0]  # positions are 0..L-1 in every row (right padding)
         q = q * c[qp] + _rotate_half(q) * s[qp]
         k = k * c + _rotate_half(k) * s
@@ -634,14 +655,52 @@ def grounding_loss(
     return torch.stack(losses).mean()
 
 
-def name_positions(seq: Seq, ids: list[int], question: str, qpos: int) -> torch.Tensor:
-    """Positions of the colour and shape words of ``question``, whose turn's answer is predicted at ``qpos``.
+# Attention targets of stage 2: kind -> (LM layers, head). Layer indices past the LM's depth mean its last
+# layer. Two objects (spatial questions: "a" is named first) get separate heads, so their positions reach
+# the answer unmixed; multiple choice adds the copy from the answer to the option's letter.
+TARGET_HEADS = {
+    "name_a": ((0,), 0),  # answer position -> colour/shape words naming object a in the question
+    "name_b": ((0,), 1),  # ... naming object b (the same words as a when the question names one thing)
+    "object_a": ((1, 2), 0),  # answer position -> image tokens of object a (all referenced objects if one)
+    "object_b": ((1, 2), 1),  # ... of object b
+    "letter": ((0,), 2),  # each option's value word -> its letter ("B . red": red -> B)
+    "option": ((3,), 0),  # answer position -> the value word of the correct option
+}
 
-    In ``Seq``'s layout the question words sit right before ``ASSISTANT :`` (``qpos`` is the colon).
+
+def turn_targets(
+    seq: Seq, ids: list[int], qa: dict, qpos: int, owners: torch.Tensor | None = None, img_start: int = 3
+) -> list[tuple[str, int, torch.Tensor]]:
+    """Attention targets of one question/answer turn: ``(kind, query position, key positions)`` per target.
+
+    In ``Seq``'s layout the question words sit right before ``ASSISTANT :`` (``qpos`` is the colon). Names
+    are the colour and shape words of the question proper (before the first "?", so options do not count);
+    ``owners`` (1 + object index per kept image token, 0 = background) gives the object targets from
+    ``qa["refs"]``; without it there are none.
     """
-    n_words = len(seq.words(question))
-    span = range(qpos - 1 - n_words, qpos - 1)
-    return torch.tensor([p for p in span if ids[p] in seq.names], dtype=torch.long)
+    n_words = len(seq.words(qa["question"]))
+    span = list(range(qpos - 1 - n_words, qpos - 1))
+    qmark = next((k for k, p in enumerate(span) if ids[p] == seq.qmark), len(span))
+    names = [p for p in span[: qmark + 1] if ids[p] in seq.names]
+    out: list[tuple[str, int, torch.Tensor]] = []
+    pair = qa["family"] == "spatial" and len(names) >= 2 and len(qa["refs"]) == 2
+    name_a, name_b = (names[: len(names) // 2], names[len(names) // 2 :]) if pair else (names, names)
+    for kind, keys in (("name_a", name_a), ("name_b", name_b)):
+        if keys:
+            out.append((kind, qpos, torch.tensor(keys, dtype=torch.long)))
+    if owners is not None and qa["refs"]:
+        groups = [qa["refs"][:1], qa["refs"][1:]] if pair else [qa["refs"], qa["refs"]]
+        for kind, refs in zip(("object_a", "object_b"), groups):
+            hit = torch.isin(owners.long(), torch.tensor(refs, dtype=torch.long) + 1)
+            if hit.any():
+                out.append((kind, qpos, hit.nonzero()[:, 0] + img_start))
+    if qa["family"] == "choice":
+        for p in span[qmark + 1 : -2]:
+            if ids[p] in seq.letters and ids[p + 1] == seq.dot:
+                out.append(("letter", p + 2, torch.tensor([p], dtype=torch.long)))
+                if ids[p] == seq.v[qa["answer"]]:
+                    out.append(("option", qpos, torch.tensor([p + 2], dtype=torch.long)))
+    return out
 
 
 def train_lm(
@@ -662,8 +721,7 @@ def train_lm(
     curriculum: int = 0,
     curriculum_hold: int = 0,
     ground: float = 0.0,
-    ground_layers: tuple[int, ...] = (1, 2),
-    name_layers: tuple[int, ...] = (0,),
+    targets: tuple[str, ...] = tuple(TARGET_HEADS),
 ) -> None:
     """Stage 2: projector + LM on multi-turn conversations over cached tower features (tower frozen).
 
@@ -673,15 +731,20 @@ def train_lm(
     steps several times cheaper. With all
     576 tokens from the start, attention over the image is so diffuse that the LM first learns only answer
     priors (a long plateau at chance); with few distractors it learns to look things up, then keeps it.
-    ``ground`` > 0 adds ``grounding_loss`` (weight ``ground``) on head 0 of ``ground_layers`` (needs ``masks``),
-    and the same loss on head 0 of ``name_layers`` towards the colour and shape words of the question: the
-    answer position must first gather the object's name before it can look the object up, and without
-    that target the query of ``ground_layers`` is the same for every question (on oracle features the
-    grounding loss stayed at ~1.6 for 500 steps without it, and fell to 0.4 by step 570 with it).
+    ``ground`` > 0 (needs ``masks``) adds ``grounding_loss`` (weight ``ground``, averaged over the kinds
+    present in a batch) for the ``targets`` kinds of ``TARGET_HEADS`` (see ``turn_targets``): the answer
+    position first gathers the objects' names from the question, then looks the objects up in the image.
+    Without the name target the query of the object heads is the same for every question (on oracle features
+    the object loss stayed at ~1.6 for 500 steps without it, and fell to 0.4 by step 570 with it).
     """
+    n_layers = len(model.model.language_model.layers)
+    heads = {
+        k: (tuple(sorted({min(i, n_layers - 1) for i in TARGET_HEADS[k][0]})), TARGET_HEADS[k][1])
+        for k in targets
+    }
     cap = (
-        AttentionInputs(model, sorted({*ground_layers, *name_layers}))
-        if ground and masks is not None
+        AttentionInputs(model, sorted({i for layers, _ in heads.values() for i in layers}))
+        if ground and masks is not None and heads
         else None
     )
     lm_params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
@@ -707,7 +770,7 @@ def train_lm(
             keep = (owners > 0) | (torch.rand(len(idx), N_PATCHES, generator=gen) < p_bg)
             img = [im[k] for im, k in zip(img, keep)]
             owners = [o[k] for o, k in zip(owners, keep)]
-        rows, labs, g_b, g_q, g_keys, n_b, n_q, n_keys = [], [], [], [], [], [], [], []
+        rows, labs, found = [], [], {k: [] for k in heads}  # kind -> [(row, query position, keys)]
         for b, i in enumerate(idx):
             sd = int(seeds[i])
             scene = scenes.get(sd) or scenes.setdefault(sd, make_scene(sd))
@@ -717,48 +780,43 @@ def train_lm(
             labs.append(lab)
             if cap is not None:
                 for qa, qp in zip(qas, qpos):
-                    names = name_positions(seq, r, qa["question"], qp)
-                    if len(names):
-                        n_b.append(b)
-                        n_q.append(qp)
-                        n_keys.append(names)
-                    hit = torch.isin(owners[b].long(), torch.tensor(qa["refs"], dtype=torch.long) + 1)
-                    if qa["refs"] and hit.any():
-                        g_b.append(b)
-                        g_q.append(qp)
-                        g_keys.append(hit.nonzero()[:, 0] + img_start)
+                    for kind, q, keys in turn_targets(seq, r, qa, qp, owners[b], img_start):
+                        if kind in found:
+                            found[kind].append((b, q, keys))
         ids, labels = pad(rows, seq.pad), pad(labs, -100)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             hidden = lm_forward(model, torch.cat(list(img)), ids)
             pos = labels[:, 1:] != -100  # predict token t+1 from position t
             logits = model.lm_head(hidden[:, :-1][pos])
-            if g_b:
-                l_ground = 0.0
-                for bb, qq, kk, layers in (
-                    (g_b, g_q, g_keys, ground_layers),
-                    (n_b, n_q, n_keys, name_layers),
-                ):
-                    if not bb:
-                        continue
-                    target = torch.zeros(len(bb), ids.shape[1], dtype=torch.bool)
-                    for n, keys in enumerate(kk):
-                        target[n, keys] = True
-                    l_ground = (
-                        l_ground + grounding_loss(cap, torch.tensor(bb), torch.tensor(qq), target, layers) / 2
-                    )
+            parts = {}
+            for kind, hits in found.items():
+                if not hits:
+                    continue
+                target = torch.zeros(len(hits), ids.shape[1], dtype=torch.bool)
+                for n, (_, _, keys) in enumerate(hits):
+                    target[n, keys] = True
+                qb, qp = torch.tensor([h[0] for h in hits]), torch.tensor([h[1] for h in hits])
+                parts[kind] = grounding_loss(cap, qb, qp, target, *heads[kind])
+            l_ground = torch.stack(list(parts.values())).mean() if parts else None
         loss = F.cross_entropy(logits.float(), labels[:, 1:][pos])
-        total = loss + ground * l_ground if g_b else loss
+        total = loss + ground * l_ground if l_ground is not None else loss
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(lm_params, 1.0)
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", ground=f"{l_ground.item():.3f}" if g_b else "-")
+        bar.set_postfix(
+            loss=f"{loss.item():.3f}", ground=f"{l_ground.item():.3f}" if l_ground is not None else "-"
+        )
         if step % log_every == 0:
             log(
                 "lm",
                 step,
                 time.time() - t0,
-                {"loss": loss.item(), **({"ground": l_ground.item()} if g_b else {})},
+                {
+                    "loss": loss.item(),
+                    **({"ground": l_ground.item()} if l_ground is not None else {}),
+                    **{f"ground_{k}": v.item() for k, v in parts.items()},
+                },
             )
         if (step + 1) % eval_every == 0 or step == steps - 1:
             model.eval()
@@ -872,9 +930,9 @@ def mini_recipe(args) -> str:
         f"the last 15% of steps on full images, batch / 4); {100 * args.tower_zoom:.0f}% of the images are "
         "full-resolution 192 px crops of the 384 px render (the scale LLaVA-NeXT's grid crops show). Loss on the "
         "layer -2 CLS token: presence of every colour/shape combination (BCE) + number of each shape and colour "
-        "(CE); loss on every layer -2 patch token: colour, shape, size, digit of the object under it, "
-        "object-centre class and the grid row/column of the object's centre (CE, mean over all patches + mean "
-        "over object patches). The heads are discarded; the last tower layer is never read by LLaVA and stays "
+        "(CE); loss on every layer -2 patch token: colour, shape, size, digit of the object under it and "
+        "object-centre class (CE), and the grid row/column of the object's centre as ordinal targets (24 "
+        "thresholds, BCE); each a mean over all patches + a mean over object patches. The heads are discarded; the last tower layer is never read by LLaVA and stays "
         "at its initialisation. Plus a grouping loss (weight "
         f"{args.tower_group}): head 0 of vision layers 0-1 is trained to attend from each object patch to the "
         "patches of its own object. "
@@ -890,9 +948,11 @@ def mini_recipe(args) -> str:
         f"once (bf16); {args.lm_steps} AdamW steps (lr {args.lm_lr}, warm-up + cosine), batch {args.lm_batch} "
         f"conversations of {args.turns} question/answer turns about one image in the LLaVA-1.5 format "
         "(`USER: <image>\\n{q} ASSISTANT: {a}</s>`; families drawn uniformly), loss on the answer tokens and "
-        f"their `</s>` only, plus a grounding loss (weight {args.ground}) on the attention of head 0 from each "
-        "answer position: in LM layer 0 to the colour/shape words of the question, in layers 1-2 to the image "
-        "tokens of the objects the answer depends on. Curriculum: every object token but only 3% of the "
+        f"their `</s>` only, plus an attention loss (weight {args.ground}, `TARGET_HEADS`): from each answer "
+        "position, heads 0 and 1 of LM layer 0 to the colour/shape words naming the first and the second object "
+        "of the question (the same words when it names one), heads 0 and 1 of layers 1-2 to the image tokens of "
+        "those objects, and for multiple choice head 0 of layer 3 to the correct option's value word, while head "
+        "2 of layer 0 links each option's value word to its letter. Curriculum: every object token but only 3% of the "
         f"background tokens for the first {args.curriculum_hold} steps, then background growing to 100% over "
         f"{args.curriculum} steps; bf16 autocast.\n"
         f"Seed {args.seed}; `python -m scope.mini.train --all` rebuilds it."
@@ -1001,17 +1061,39 @@ def train_minillava(out_dir: Path, args) -> tuple:
     return model, tok, log
 
 
+NEXT_CROPS = [
+    None,
+    *((x, y, IMAGE_SIZE) for y in (0, IMAGE_SIZE) for x in (0, IMAGE_SIZE)),
+]  # processor order
+
+
 @torch.no_grad()
-def extract_next_features(model, processor, seeds, batch: int = 8, desc: str = "features") -> torch.Tensor:
-    """Layer -2 features of the 5 anyres crops of each 384 px scene, bf16 [P, 5, 576, d]."""
-    out = []
+def extract_next_features(
+    model, processor, seeds, batch: int = 8, desc: str = "features", with_masks: bool = False
+):
+    """Layer -2 features of the 5 anyres crops of each 384 px scene, bf16 [P, 5, 576, d].
+
+    ``with_masks`` also returns the patch owners in the packed order the LM sees ([P, 2928]: the base crop,
+    then the 48 x 48 grid row by row with 0 at each ``image_newline``), for the stage-2 attention targets.
+    """
+    out, masks = [], []
+    size = torch.tensor([[NEXT_IMAGE_SIZE, NEXT_IMAGE_SIZE]])
     for i in tqdm(range(0, len(seeds), batch), desc=desc):
-        imgs = [render(make_scene(int(s)), NEXT_IMAGE_SIZE) for s in seeds[i : i + batch]]
-        px = processor.image_processor(imgs, return_tensors="pt")["pixel_values"]  # [B, 5, 3, 192, 192]
+        scenes = [make_scene(int(s)) for s in seeds[i : i + batch]]
+        rendered = [render(sc, NEXT_IMAGE_SIZE, with_ids=True) for sc in scenes]
+        px = processor.image_processor([im for im, _ in rendered], return_tensors="pt")["pixel_values"]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             h = tower_hidden(model.model.vision_tower, px.flatten(0, 1))[:, 1:]
-        out.append(h.to(torch.bfloat16).view(len(imgs), px.shape[1], N_PATCHES, -1))
-    return torch.cat(out)
+        out.append(h.to(torch.bfloat16).view(len(scenes), px.shape[1], N_PATCHES, -1))
+        if with_masks:
+            for sc, (_, ids) in zip(scenes, rendered):
+                crops = torch.from_numpy(np.stack([patch_labels(sc, ids, box)[5] for box in NEXT_CROPS]))
+                packed = model.model.pack_image_features(
+                    [crops[..., None].float()], size, "default", image_newline=torch.zeros(1)
+                )[0][0]
+                masks.append(packed[:, 0].round().to(torch.int16))
+    feats = torch.cat(out)
+    return (feats, torch.stack(masks)) if with_masks else feats
 
 
 def train_minillava_next(mini, tok, out_dir: Path, args) -> None:
@@ -1023,7 +1105,9 @@ def train_minillava_next(mini, tok, out_dir: Path, args) -> None:
     processor = build_next_processor(tok)
     seq = Seq(tok)
     pool = np.random.default_rng(args.seed + 2).integers(0, VAL_SEED_BASE, size=args.next_pool)
-    feats = extract_next_features(model, processor, pool, desc="NeXT features (train pool)")
+    feats, masks = extract_next_features(
+        model, processor, pool, desc="NeXT features (train pool)", with_masks=True
+    )
     vitems = val_items(20)
     vfeats = extract_next_features(
         model, processor, np.array([it["seed"] for it in vitems]), desc="NeXT features (val)"
@@ -1041,6 +1125,8 @@ def train_minillava_next(mini, tok, out_dir: Path, args) -> None:
         log,
         lambda: evaluate_features(model, seq, vfeats, vitems, batch=8),
         max(1, args.next_steps // 4),
+        masks=masks,
+        ground=args.ground,
     )
     del feats
     titems = heldout_items()
