@@ -1,24 +1,29 @@
 """Train MiniLLaVA (and MiniLLaVA-NeXT) from scratch on SynthBench-style scenes, on CPU.
 
-Recipe (two stages, as LLaVA; see data/minillava/README.md for why):
+Recipe (two stages, as LLaVA, then the anyres stage; see data/minillava/README.md for why):
 1. Vision tower. CLIP is trained contrastively on captions; we have exact scene annotations instead, so the
    tower learns (a) a CLS objective -- which colour/shape combinations are present and how many of each
    shape/colour -- computed from the CLS token of layer -2, so CLS attention in that layer concentrates on
    the objects (the saliency SCOPE uses), and (b) a dense per-patch objective on the layer -2 patch features
-   (colour, shape, size, glyph of the object under the patch, and whether the patch holds an object centre),
-   so the features that reach the projector carry what the questions ask about. The tower starts from
+   (colour, shape, size, glyph of the object under the patch, whether the patch holds an object centre, and
+   the grid row/column of the object's centre as ordinal targets), so the features that reach the projector
+   carry what the questions ask about. The tower starts from
    ``local_attention_init`` (heads attending to fixed neighbouring patches) and a warm-up on the shape and
    digit heads alone; every ``probe_every`` steps the linear heads are scored on held-out scenes ("probes":
    what the patch features carry), and the scores go to ``training_log.csv``.
 2. Projector + language model, tower frozen: layer -2 features of a pool of scenes are extracted once without
    grad (bf16), and each training sequence packs several question/answer turns about one image
-   (LLaVA-1.5's multi-turn format with the image first, loss on the answers only).
+   (LLaVA-1.5's multi-turn format with the image first, loss on the answers only). Attention targets
+   (``TARGET_HEADS``) tell chosen heads where to look: the names of the question's objects, their image
+   tokens (one head per object when there are two), and for multiple choice the correct option's value word.
+3. MiniLLaVA-NeXT: MiniLLaVA's weights in a ``LlavaNextForConditionalGeneration``, trained further on the
+   packed anyres tokens of 384 px scenes with the same attention targets.
 
-Status (issue 4): below target. Stage 1 brings the shape probe to 0.965 (0.61 without the local
-initialisation and the warm-up) but the digit probe only to 0.51; stage 2 escapes its plateau only with the
-name-word grounding target in layer 0. The shipped MiniLLaVA answers 55.8% of the test split (each family's
-most frequent answer: 33.1%); reading (15%) and multiple choice (28%) are below their most-frequent-answer
-baselines (20%, 36%) and spatial relations reach 46%.
+Status (issue 4): below target. Stage 1 brings the shape probe to 0.97 (0.61 without the local
+initialisation and the warm-up), the digit probe to 0.65 and the ordinal row/column probes to 0.79 (exact
+cell). Stage 2 escapes its plateau only with the attention targets. The shipped MiniLLaVA answers 60.8% of the
+test split (each family's most frequent answer: 33.1%): existence, attribute and counting are learnt, reading
+reaches 34%, while spatial relations (39%) and multiple choice (25%) stay at chance.
 
 ``python -m scope.mini.train --all`` (``make model``) retrains and saves both checkpoints; every stage has a
 tqdm bar and appends to ``training_log.csv`` (held-out accuracy over training time).
@@ -1150,7 +1155,9 @@ def train_minillava_next(mini, tok, out_dir: Path, args) -> None:
         "Initialised from MiniLLaVA (tower, projector, LM; `image_newline` = 0). Tower frozen; layer -2 features "
         f"of the 5 crops (base + 2x2 grid, 384 px scenes) of {args.next_pool} training scenes extracted once; "
         f"{args.next_steps} AdamW steps (lr {args.next_lr}), batch {args.next_batch} conversations of "
-        f"{args.turns} turns, loss on the answers; 2928 visual tokens per image."
+        f"{args.turns} turns, loss on the answers plus MiniLLaVA's attention targets (weight {args.ground}) "
+        "placed on the packed tokens (each crop's patch owners, pushed through `pack_image_features`); 2928 "
+        "visual tokens per image."
     )
     write_card(out_dir, "MiniLLaVA-NeXT", "LlavaNextForConditionalGeneration", recipe, results)
     print(f"saved {out_dir} after {log.minutes():.1f} min")
