@@ -65,6 +65,7 @@ from scope.paths import MINILLAVA_DIR, MINILLAVA_NEXT_DIR
 VAL_SEED_BASE = 900_000_000  # validation scenes for the training curve; the test split is never trained on
 GRID = IMAGE_SIZE // PATCH_SIZE
 C_LIST, S_LIST = list(COLORS), list(SHAPES)
+NEXT_SIZES = torch.tensor([[NEXT_IMAGE_SIZE, NEXT_IMAGE_SIZE]])  # image_sizes of one 384 px anyres image
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
@@ -580,9 +581,10 @@ def embed_images(model, feats: torch.Tensor) -> torch.Tensor:
     proj = model.model.multi_modal_projector(feats)
     if feats.dim() == 3:
         return proj
-    size = torch.tensor([[NEXT_IMAGE_SIZE, NEXT_IMAGE_SIZE]])
     packed = [
-        model.model.pack_image_features([p], size, "default", image_newline=model.model.image_newline)[0][0]
+        model.model.pack_image_features([p], NEXT_SIZES, "default", image_newline=model.model.image_newline)[
+            0
+        ][0]
         for p in proj
     ]
     return torch.stack(packed)
@@ -937,8 +939,8 @@ def mini_recipe(args) -> str:
         "layer -2 CLS token: presence of every colour/shape combination (BCE) + number of each shape and colour "
         "(CE); loss on every layer -2 patch token: colour, shape, size, digit of the object under it and "
         "object-centre class (CE), and the grid row/column of the object's centre as ordinal targets (24 "
-        "thresholds, BCE); each a mean over all patches + a mean over object patches. The heads are discarded; the last tower layer is never read by LLaVA and stays "
-        "at its initialisation. Plus a grouping loss (weight "
+        "thresholds, BCE); each a mean over all patches + a mean over object patches. The heads are discarded; "
+        "the last tower layer is never read by LLaVA and stays at its initialisation. Plus a grouping loss (weight "
         f"{args.tower_group}): head 0 of vision layers 0-1 is trained to attend from each object patch to the "
         "patches of its own object. "
         + (
@@ -957,8 +959,8 @@ def mini_recipe(args) -> str:
         "position, heads 0 and 1 of LM layer 0 to the colour/shape words naming the first and the second object "
         "of the question (the same words when it names one), heads 0 and 1 of layers 1-2 to the image tokens of "
         "those objects, and for multiple choice head 0 of layer 3 to the correct option's value word, while head "
-        "2 of layer 0 links each option's value word to its letter. Curriculum: every object token but only 3% of the "
-        f"background tokens for the first {args.curriculum_hold} steps, then background growing to 100% over "
+        "2 of layer 0 links each option's value word to its letter. Curriculum: every object token but only "
+        f"3% of the background tokens for the first {args.curriculum_hold} steps, then background growing to 100% over "
         f"{args.curriculum} steps; bf16 autocast.\n"
         f"Seed {args.seed}; `python -m scope.mini.train --all` rebuilds it."
     )
@@ -1082,7 +1084,6 @@ def extract_next_features(
     then the 48 x 48 grid row by row with 0 at each ``image_newline``), for the stage-2 attention targets.
     """
     out, masks = [], []
-    size = torch.tensor([[NEXT_IMAGE_SIZE, NEXT_IMAGE_SIZE]])
     for i in tqdm(range(0, len(seeds), batch), desc=desc):
         scenes = [make_scene(int(s)) for s in seeds[i : i + batch]]
         rendered = [render(sc, NEXT_IMAGE_SIZE, with_ids=True) for sc in scenes]
@@ -1094,7 +1095,7 @@ def extract_next_features(
             for sc, (_, ids) in zip(scenes, rendered):
                 crops = torch.from_numpy(np.stack([patch_labels(sc, ids, box)[5] for box in NEXT_CROPS]))
                 packed = model.model.pack_image_features(
-                    [crops[..., None].float()], size, "default", image_newline=torch.zeros(1)
+                    [crops[..., None].float()], NEXT_SIZES, "default", image_newline=torch.zeros(1)
                 )[0][0]
                 masks.append(packed[:, 0].round().to(torch.int16))
     feats = torch.cat(out)
