@@ -117,6 +117,9 @@ def test_a_few_training_steps_reduce_the_loss():
     assert np.mean(lm_losses[-5:]) < np.mean(lm_losses[:5])
     ground = [r[3]["ground"] for r in log_rows if r[0] == "lm" and "ground" in r[3]]
     assert len(ground) == 30 and all(np.isfinite(g) and g > 0 for g in ground)  # attention targets every step
+    for kind in (*train.READOUTS, "relation"):  # choice and spatial turns come up in most steps
+        got = [r[3][f"ground_{kind}"] for r in log_rows if r[0] == "lm" and f"ground_{kind}" in r[3]]
+        assert len(got) >= 10 and all(np.isfinite(g) and g > 0 for g in got), kind
 
 
 def test_training_sequences_match_the_chat_template():
@@ -282,6 +285,7 @@ def test_turn_targets_name_each_object_apart_and_point_choices_at_the_right_opti
         ("name_b", ":", ["blue", "square"]),
         ("object_a", ":", img),
         ("object_b", ":", img),
+        ("relation", ":", ["above", "below"]),  # which relation is asked
     ]
     assert got[2] == [("name_a", ":", ["triangles"]), ("name_b", ":", ["triangles"])]  # nothing to look at
     assert got[3][:4] == got[0]  # the option words are not names
@@ -320,6 +324,38 @@ def test_grounding_loss_is_minus_log_attention_mass_of_the_chosen_head():
         got = train.grounding_loss(cap, qb, qp, target, (layer,), head)
         assert torch.allclose(got, expected, atol=1e-5), (layer, head, got, expected)
 
+
+
+def test_head_output_is_the_heads_share_of_the_attention_output_and_readout_is_the_logit_lens():
+    from scope.mini import train
+    from scope.mini.model import build_config, build_model, build_tokenizer, build_vocab
+
+    tok = build_tokenizer(build_vocab(n_scenes=100))
+    model = build_model(build_config(tok, vision_layers=2, vision_width=32, lm_layers=2, lm_width=64))
+    model.config.text_config._attn_implementation = "eager"
+    lm = model.model.language_model
+    ids = torch.randint(5, len(tok), (2, 12))
+    seen = {}
+    hooks = [
+        lm.layers[1].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.update(o=a[0])),
+        lm.norm.register_forward_pre_hook(lambda m, a: seen.update(last=a[0])),
+    ]
+    cap = train.AttentionInputs(model, [1])
+    with torch.no_grad():
+        logits = model.lm_head(lm(input_ids=ids).last_hidden_state)
+        qb, qp = torch.tensor([0, 1, 1]), torch.tensor([7, 11, 4])
+        hd, w_o = lm.layers[1].self_attn.head_dim, lm.layers[1].self_attn.o_proj.weight
+        for head in (0, 3):
+            sl = slice(head * hd, (head + 1) * hd)
+            expected = seen["o"][qb, qp, sl] @ w_o[:, sl].T  # the head's columns of o_proj, alone
+            got = train.head_output(cap, 1, head, qb, qp)
+            assert torch.allclose(got, expected, atol=1e-5), head
+        token = torch.tensor([3, 9, 4])
+        lens = train.readout_loss(model, seen["last"][qb, qp], token)
+        assert torch.allclose(lens, torch.nn.functional.cross_entropy(logits[qb, qp], token), atol=1e-5)
+    cap.remove()
+    for h in hooks:
+        h.remove()
 
 def test_next_owner_masks_follow_the_packed_anyres_order():
     from scope.mini import train

@@ -15,7 +15,9 @@ Recipe (two stages, as LLaVA, then the anyres stage; see data/minillava/README.m
    grad (bf16), and each training sequence packs several question/answer turns about one image
    (LLaVA-1.5's multi-turn format with the image first, loss on the answers only). Attention targets
    (``TARGET_HEADS``) tell chosen heads where to look: the names of the question's objects, their image
-   tokens (one head per object when there are two), and for multiple choice the correct option's value word.
+   tokens (one head per object when there are two), the relation words of a spatial question, and for
+   multiple choice the correct option's value word; logit-lens read-outs (``READOUTS``) make the option head
+   carry that option's letter to the answer.
 3. MiniLLaVA-NeXT: MiniLLaVA's weights in a ``LlavaNextForConditionalGeneration``, trained further on the
    packed anyres tokens of 384 px scenes with the same attention targets.
 
@@ -65,6 +67,7 @@ from scope.paths import MINILLAVA_DIR, MINILLAVA_NEXT_DIR
 VAL_SEED_BASE = 900_000_000  # validation scenes for the training curve; the test split is never trained on
 GRID = IMAGE_SIZE // PATCH_SIZE
 C_LIST, S_LIST = list(COLORS), list(SHAPES)
+RELATIONS = ("left", "right", "above", "below")
 NEXT_SIZES = torch.tensor([[NEXT_IMAGE_SIZE, NEXT_IMAGE_SIZE]])  # image_sizes of one 384 px anyres image
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -547,6 +550,7 @@ class Seq:
         self.user, self.asst, self.colon, self.img = v["USER"], v["ASSISTANT"], v[":"], v["<image>"]
         self.names = {v[w] for w in [*C_LIST, *S_LIST, *(x + "s" for x in S_LIST)] if w in v}  # name words
         self.letters = {v[w] for w in LETTERS if w in v}
+        self.relations = {v[w] for w in RELATIONS if w in v}
         self.qmark, self.dot = v.get("?", -1), v.get(".", -1)
 
     def words(self, text: str) -> list[int]:
@@ -629,6 +633,19 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
+def _head_logp(attn, h, cos, sin, qb: torch.Tensor, qp: torch.Tensor, head: int) -> torch.Tensor:
+    """Log attention weights [n, L] of ``head`` from the queries (``qb``, ``qp``), from the layer's input."""
+    hd = attn.head_dim
+    q = head_slice(attn.q_proj, h[qb, qp], hd, head)  # [n, hd]
+    k = head_slice(attn.k_proj, h, hd, head)  # [B, L, hd]
+    c, s = cos[0], sin[0]  # positions are 0..L-1 in every row (right padding)
+    q = q * c[qp] + _rotate_half(q) * s[qp]
+    k = k * c + _rotate_half(k) * s
+    logits = (q[:, None, :] * k[qb]).sum(-1).float() * attn.scaling  # [n, L]
+    causal = torch.arange(h.shape[1])[None, :] > qp[:, None]
+    return torch.log_softmax(logits.masked_fill(causal, float("-inf")), dim=-1)
+
+
 def grounding_loss(
     cap: AttentionInputs,
     qb: torch.Tensor,
@@ -649,17 +666,31 @@ def grounding_loss(
     for i, (attn, h, (cos, sin)) in cap.inputs.items():
         if layers is not None and i not in layers:
             continue
-        hd = attn.head_dim
-        q = head_slice(attn.q_proj, h[qb, qp], hd, head)  # [n, hd]
-        k = head_slice(attn.k_proj, h, hd, head)  # [B, L, hd]
-        c, s = cos[0], sin[0]  # positions are 0..L-1 in every row (right padding)
-        q = q * c[qp] + _rotate_half(q) * s[qp]
-        k = k * c + _rotate_half(k) * s
-        logits = (q[:, None, :] * k[qb]).sum(-1).float() * attn.scaling  # [n, L]
-        causal = torch.arange(h.shape[1])[None, :] > qp[:, None]
-        logp = torch.log_softmax(logits.masked_fill(causal, float("-inf")), dim=-1)
+        logp = _head_logp(attn, h, cos, sin, qb, qp, head)
         losses.append(-torch.logsumexp(logp.masked_fill(~target, float("-inf")), dim=-1).mean())
     return torch.stack(losses).mean()
+
+
+def head_output(
+    cap: AttentionInputs, layer: int, head: int, qb: torch.Tensor, qp: torch.Tensor
+) -> torch.Tensor:
+    """What ``head`` of LM ``layer`` adds to the residual stream at the queries (``qb``, ``qp``): [n, D].
+
+    Its attention-weighted values through its slice of ``o_proj``, recomputed from the captured layer input
+    (equal to the head's share of the eager attention output).
+    """
+    attn, h, (cos, sin) = cap.inputs[layer]
+    hd = attn.head_dim
+    w = _head_logp(attn, h, cos, sin, qb, qp, head).exp()  # [n, L]
+    v = head_slice(attn.v_proj, h, hd, head)  # [B, L, hd]
+    mixed = torch.einsum("nl,nld->nd", w.to(v.dtype), v[qb])
+    return mixed @ attn.o_proj.weight[:, head * hd : (head + 1) * hd].T
+
+
+def readout_loss(model, x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``lm_head(norm(x))`` against ``token``: a logit-lens target on a hidden vector."""
+    logits = model.lm_head(model.model.language_model.norm(x)).float()
+    return F.cross_entropy(logits, token)
 
 
 # Attention targets of stage 2: kind -> (LM layers, head). Layer indices past the LM's depth mean its last
@@ -672,7 +703,13 @@ TARGET_HEADS = {
     "object_b": ((1, 2), 1),  # ... of object b
     "letter": ((0,), 2),  # each option's value word -> its letter ("B . red": red -> B)
     "option": ((3,), 0),  # answer position -> the value word of the correct option
+    "relation": ((0,), 3),  # answer position -> the relation words of a spatial question (left, right, ...)
 }
+# Read-out targets (logit lens through the tied output embedding), for multiple choice: the letter copy is
+# a chain the toy LM never found by itself (with the option head on the right word, its letter logits stayed
+# flat). "letter_read": an option's value word carries its letter into the layer the option head reads;
+# "option_read": what that head adds at the answer position predicts the correct letter.
+READOUTS = ("letter_read", "option_read")
 
 
 def turn_targets(
@@ -701,6 +738,10 @@ def turn_targets(
             hit = torch.isin(owners.long(), torch.tensor(refs, dtype=torch.long) + 1)
             if hit.any():
                 out.append((kind, qpos, hit.nonzero()[:, 0] + img_start))
+    if pair:
+        relations = [p for p in span[: qmark + 1] if ids[p] in seq.relations]
+        if relations:
+            out.append(("relation", qpos, torch.tensor(relations, dtype=torch.long)))
     if qa["family"] == "choice":
         for p in span[qmark + 1 : -2]:
             if ids[p] in seq.letters and ids[p + 1] == seq.dot:
@@ -729,6 +770,7 @@ def train_lm(
     curriculum_hold: int = 0,
     ground: float = 0.0,
     targets: tuple[str, ...] = tuple(TARGET_HEADS),
+    readouts: tuple[str, ...] = READOUTS,
 ) -> None:
     """Stage 2: projector + LM on multi-turn conversations over cached tower features (tower frozen).
 
@@ -743,6 +785,8 @@ def train_lm(
     position first gathers the objects' names from the question, then looks the objects up in the image.
     Without the name target the query of the object heads is the same for every question (on oracle features
     the object loss stayed at ~1.6 for 500 steps without it, and fell to 0.4 by step 570 with it).
+    ``readouts`` (of ``READOUTS``; they need the "letter" and "option" targets) add logit-lens losses that
+    carry each option's letter to the answer along the path those heads open.
     """
     n_layers = len(model.model.language_model.layers)
     heads = {
@@ -804,6 +848,15 @@ def train_lm(
                     target[n, keys] = True
                 qb, qp = torch.tensor([h[0] for h in hits]), torch.tensor([h[1] for h in hits])
                 parts[kind] = grounding_loss(cap, qb, qp, target, *heads[kind])
+                if kind == "letter" and "letter_read" in readouts and "option" in heads:
+                    h = cap.inputs[heads["option"][0][0]][1]  # input of the option head's layer
+                    parts["letter_read"] = readout_loss(
+                        model, h[qb, qp], ids[qb, torch.stack([k[0] for *_, k in hits])]
+                    )
+                if kind == "option" and "option_read" in readouts:
+                    layer, head = heads[kind][0][0], heads[kind][1]
+                    letter = ids[qb, torch.stack([k[0] for *_, k in hits]) - 2]  # "B . red": 2 before
+                    parts["option_read"] = readout_loss(model, head_output(cap, layer, head, qb, qp), letter)
             l_ground = torch.stack(list(parts.values())).mean() if parts else None
         loss = F.cross_entropy(logits.float(), labels[:, 1:][pos])
         total = loss + ground * l_ground if l_ground is not None else loss
@@ -958,8 +1011,11 @@ def mini_recipe(args) -> str:
         f"their `</s>` only, plus an attention loss (weight {args.ground}, `TARGET_HEADS`): from each answer "
         "position, heads 0 and 1 of LM layer 0 to the colour/shape words naming the first and the second object "
         "of the question (the same words when it names one), heads 0 and 1 of layers 1-2 to the image tokens of "
-        "those objects, and for multiple choice head 0 of layer 3 to the correct option's value word, while head "
-        "2 of layer 0 links each option's value word to its letter. Curriculum: every object token but only "
+        "those objects, head 3 of layer 0 to the relation words of a spatial question, and for multiple choice "
+        "head 0 of layer 3 to the correct option's value word, while head 2 of layer 0 links each option's value "
+        "word to its letter; with two logit-lens read-outs (`READOUTS`: the option word's input to layer 3 "
+        "predicts its letter, and what head 0 of layer 3 adds at the answer predicts the correct letter). "
+        "Curriculum: every object token but only "
         f"3% of the background tokens for the first {args.curriculum_hold} steps, then background growing to 100% over "
         f"{args.curriculum} steps; bf16 autocast.\n"
         f"Seed {args.seed}; `python -m scope.mini.train --all` rebuilds it."
