@@ -112,12 +112,17 @@ def test_a_few_training_steps_reduce_the_loss():
         log_every=1,
         masks=masks,
         ground=1.0,
+        readouts=(*train.READOUTS, *train.OPTIONAL_READOUTS),
     )
     lm_losses = [r[3]["loss"] for r in log_rows if r[0] == "lm"]
     assert np.mean(lm_losses[-5:]) < np.mean(lm_losses[:5])
     ground = [r[3]["ground"] for r in log_rows if r[0] == "lm" and "ground" in r[3]]
     assert len(ground) == 30 and all(np.isfinite(g) and g > 0 for g in ground)  # attention targets every step
-    for kind in (*train.READOUTS, "relation"):  # choice and spatial turns come up in most steps
+    for kind in (
+        *train.READOUTS,
+        *train.OPTIONAL_READOUTS,
+        "relation",
+    ):  # choice and spatial turns come up in most steps
         got = [r[3][f"ground_{kind}"] for r in log_rows if r[0] == "lm" and f"ground_{kind}" in r[3]]
         assert len(got) >= 10 and all(np.isfinite(g) and g > 0 for g in got), kind
 
@@ -215,6 +220,11 @@ def test_target_status_names_every_missed_target(tmp_path):
     card = write_card(tmp_path, "X", "LlavaForConditionalGeneration", "recipe", {**bad, "status": status})
     text = card.read_text()
     assert f"Status: {status}" in text and "| counting | 50.0% | 95.0% |" in text
+    assert "loaded from the cached output" not in text
+    reused = {"minutes": 23.6, "features_minutes": 1.7, "source": "run R"}
+    text = write_card(tmp_path, "X", "Llava", "r", {**bad, "train_minutes": 50.0, "stage1_reused": reused})
+    assert "(the vision tower, 23.6 min, and the features of the training pool, 1.7 min)" in text.read_text()
+    assert "cached output of run R, so training it from scratch takes about 75 min" in text.read_text()
 
 
 def test_grouping_loss_is_minus_log_attention_mass_on_own_object():
@@ -325,7 +335,6 @@ def test_grounding_loss_is_minus_log_attention_mass_of_the_chosen_head():
         assert torch.allclose(got, expected, atol=1e-5), (layer, head, got, expected)
 
 
-
 def test_head_output_is_the_heads_share_of_the_attention_output_and_readout_is_the_logit_lens():
     from scope.mini import train
     from scope.mini.model import build_config, build_model, build_tokenizer, build_vocab
@@ -356,6 +365,7 @@ def test_head_output_is_the_heads_share_of_the_attention_output_and_readout_is_t
     cap.remove()
     for h in hooks:
         h.remove()
+
 
 def test_next_owner_masks_follow_the_packed_anyres_order():
     from scope.mini import train
@@ -419,3 +429,13 @@ def test_ordinal_row_and_column_heads_decode_the_number_of_positive_thresholds()
         heads._dense_loss("colour", logits, label.clamp(max=6)),
         torch.nn.functional.cross_entropy(logits, label.clamp(max=6), reduction="none"),
     )
+
+
+def test_majority_baseline_gives_each_familys_most_frequent_answer():
+    from scope.mini.synthbench import heldout_items, majority_baseline
+
+    items = [{"family": "a", "answer": x} for x in "xxy"] + [{"family": "b", "answer": "z"}]
+    assert majority_baseline(items) == {"a": 2 / 3, "b": 1.0, "overall": 0.75}
+    test = majority_baseline(heldout_items())
+    assert test["existence"] == 0.5  # POPE-style: balanced yes/no
+    assert all(0 < v < 1 for v in test.values())

@@ -55,6 +55,18 @@ def target_status(results: dict) -> str:
     return "trained" if not missed else "below target: " + "; ".join(missed)
 
 
+def _reused(results: dict) -> str:
+    """A line saying which stage came from a cache, when the run that wrote the card loaded one."""
+    r = results.get("stage1_reused")
+    if not r:
+        return ""
+    return (
+        f"\n  Stage 1 (the vision tower, {r['minutes']:.1f} min, and the features of the training pool, "
+        f"{r['features_minutes']:.1f} min) was loaded from the cached output of {r['source']}, so training it from scratch "
+        f"takes about {r['minutes'] + r['features_minutes'] + results.get('train_minutes', 0.0):.0f} min."
+    )
+
+
 def write_card(out_dir: Path, name: str, arch: str, recipe: str, results: dict) -> Path:
     """Write ``results.json`` and ``README.md`` (the model card) next to a checkpoint."""
     out_dir = Path(out_dir)
@@ -99,7 +111,7 @@ visual tokens uniformly at random (seed 0), in raster order.
   **{100 * results.get("cls_top10_share", float("nan")):.1f}%** (mean over {results.get("cls_images", 0)} test images;
   a uniform attention would give 10%).
 - Training time: {results.get("train_minutes", float("nan")):.1f} min on {results.get("threads", 2)} CPU threads
-  (wall clock of the run that produced this checkpoint; the machine may have been shared).
+  (wall clock of the run that produced this checkpoint; the machine may have been shared).{_reused(results)}
 - Checkpoint: {size_mb:.1f} MB of safetensors ({results.get("dtype", "bfloat16")}).
 - Accuracy over training time: `training_log.csv` (stage, step, seconds, metric, value).
 

@@ -256,6 +256,16 @@ def load_synthbench(split: str = "test", limit: int | None = None, seed: int = 0
 _WORD = re.compile(r"[a-z0-9]+")
 
 
+def majority_baseline(items: list[dict]) -> dict[str, float]:
+    """Accuracy of always giving each family's most frequent answer (per family and ``overall``)."""
+    by_family: dict[str, list[str]] = {}
+    for it in items:
+        by_family.setdefault(it["family"], []).append(it["answer"])
+    acc = {f: Counter(a).most_common(1)[0][1] / len(a) for f, a in by_family.items()}
+    acc["overall"] = sum(acc[f] * len(a) for f, a in by_family.items()) / len(items)
+    return acc
+
+
 def normalize(text: str) -> str:
     """Lower-case first word of a prediction, punctuation stripped ("Yes." -> "yes", "B. red" -> "b")."""
     words = _WORD.findall(str(text).lower())
