@@ -118,11 +118,8 @@ def test_a_few_training_steps_reduce_the_loss():
     assert np.mean(lm_losses[-5:]) < np.mean(lm_losses[:5])
     ground = [r[3]["ground"] for r in log_rows if r[0] == "lm" and "ground" in r[3]]
     assert len(ground) == 30 and all(np.isfinite(g) and g > 0 for g in ground)  # attention targets every step
-    for kind in (
-        *train.READOUTS,
-        *train.OPTIONAL_READOUTS,
-        "relation",
-    ):  # choice and spatial turns come up in most steps
+    # choice and spatial turns come up in most steps
+    for kind in (*train.READOUTS, *train.OPTIONAL_READOUTS, "relation"):
         got = [r[3][f"ground_{kind}"] for r in log_rows if r[0] == "lm" and f"ground_{kind}" in r[3]]
         assert len(got) >= 10 and all(np.isfinite(g) and g > 0 for g in got), kind
 

@@ -868,14 +868,13 @@ def train_lm(
                     target[n, keys] = True
                 qb, qp = torch.tensor([h[0] for h in hits]), torch.tensor([h[1] for h in hits])
                 parts[kind] = grounding_loss(cap, qb, qp, target, *heads[kind])
+                key = torch.stack([k[0] for *_, k in hits])  # letter: the letter; option: the value word
                 if kind == "letter" and "letter_read" in readouts and "option" in heads:
                     h = cap.inputs[heads["option"][0][0]][1]  # input of the option head's layer
-                    parts["letter_read"] = readout_loss(
-                        model, h[qb, qp], ids[qb, torch.stack([k[0] for *_, k in hits])]
-                    )
+                    parts["letter_read"] = readout_loss(model, h[qb, qp], ids[qb, key])
                 if kind == "option" and "option_read" in readouts:
                     layer, head = heads[kind][0][0], heads[kind][1]
-                    letter = ids[qb, torch.stack([k[0] for *_, k in hits]) - 2]  # "B . red": 2 before
+                    letter = ids[qb, key - 2]  # "B . red": the letter sits 2 before the value word
                     parts["option_read"] = readout_loss(model, head_output(cap, layer, head, qb, qp), letter)
             if offsets:
                 layer = heads["object_a"][0][0]
