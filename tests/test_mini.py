@@ -112,6 +112,7 @@ def test_a_few_training_steps_reduce_the_loss():
         log_every=1,
         masks=masks,
         ground=1.0,
+        targets=tuple(train.TARGET_HEADS),  # the opt-in position heads too
         readouts=(*train.READOUTS, *train.OPTIONAL_READOUTS),
     )
     lm_losses = [r[3]["loss"] for r in log_rows if r[0] == "lm"]
@@ -119,7 +120,7 @@ def test_a_few_training_steps_reduce_the_loss():
     ground = [r[3]["ground"] for r in log_rows if r[0] == "lm" and "ground" in r[3]]
     assert len(ground) == 30 and all(np.isfinite(g) and g > 0 for g in ground)  # attention targets every step
     # choice and spatial turns come up in most steps
-    for kind in (*train.READOUTS, *train.OPTIONAL_READOUTS, "relation"):
+    for kind in (*train.READOUTS, *train.OPTIONAL_READOUTS, "where_patch", "relation", "where_a"):
         got = [r[3][f"ground_{kind}"] for r in log_rows if r[0] == "lm" and f"ground_{kind}" in r[3]]
         assert len(got) >= 10 and all(np.isfinite(g) and g > 0 for g in got), kind
 
@@ -218,6 +219,9 @@ def test_target_status_names_every_missed_target(tmp_path):
     text = card.read_text()
     assert f"Status: {status}" in text and "| counting | 50.0% | 95.0% |" in text
     assert "loaded from the cached output" not in text
+    assert "CLS attention" not in text  # not measured in this run: no line, rather than "nan%"
+    shared = write_card(tmp_path, "X", "Llava", "r", {**bad, "cls_top10_share": 0.87, "cls_images": 48})
+    assert "tokens:\n  **87.0%** (mean over 48 test images;" in shared.read_text()
     reused = {"minutes": 23.6, "features_minutes": 1.7, "source": "run R"}
     text = write_card(tmp_path, "X", "Llava", "r", {**bad, "train_minutes": 50.0, "stage1_reused": reused})
     assert "(the vision tower, 23.6 min, and the features of the training pool, 1.7 min)" in text.read_text()
@@ -291,7 +295,9 @@ def test_turn_targets_name_each_object_apart_and_point_choices_at_the_right_opti
         ("name_a", ":", ["red", "circle"]),
         ("name_b", ":", ["blue", "square"]),
         ("object_a", ":", img),
+        ("where_a", ":", img),  # the position heads look at the same objects, on spatial questions only
         ("object_b", ":", img),
+        ("where_b", ":", img),
         ("relation", ":", ["above", "below"]),  # which relation is asked
     ]
     assert got[2] == [("name_a", ":", ["triangles"]), ("name_b", ":", ["triangles"])]  # nothing to look at
@@ -308,6 +314,7 @@ def test_turn_targets_name_each_object_apart_and_point_choices_at_the_right_opti
         (k, keys.tolist()) for k, _, keys in train.turn_targets(seq, ids, qas[1], qpos[1], owners, 3)
     )
     assert spatial["object_a"] == [img_start + 4] and spatial["object_b"] == [img_start + 3]
+    assert spatial["where_a"] == spatial["object_a"] and spatial["where_b"] == spatial["object_b"]
 
 
 def test_grounding_loss_is_minus_log_attention_mass_of_the_chosen_head():
@@ -348,7 +355,8 @@ def test_head_output_is_the_heads_share_of_the_attention_output_and_readout_is_t
     ]
     cap = train.AttentionInputs(model, [1])
     with torch.no_grad():
-        logits = model.lm_head(lm(input_ids=ids).last_hidden_state)
+        out = lm(input_ids=ids, output_attentions=True)
+        logits = model.lm_head(out.last_hidden_state)
         qb, qp = torch.tensor([0, 1, 1]), torch.tensor([7, 11, 4])
         hd, w_o = lm.layers[1].self_attn.head_dim, lm.layers[1].self_attn.o_proj.weight
         for head in (0, 3):
@@ -356,6 +364,13 @@ def test_head_output_is_the_heads_share_of_the_attention_output_and_readout_is_t
             expected = seen["o"][qb, qp, sl] @ w_o[:, sl].T  # the head's columns of o_proj, alone
             got = train.head_output(cap, 1, head, qb, qp)
             assert torch.allclose(got, expected, atol=1e-5), head
+            # ... which is the attention-weighted mean of what each key alone would add (head_values)
+            keys = torch.arange(12)
+            per_key = torch.stack(
+                [train.head_values(cap, 1, head, b.repeat(12), keys) for b in qb]
+            )  # [3, 12, D]
+            att = out.attentions[1][qb, head, qp]  # [3, 12]
+            assert torch.allclose(torch.einsum("nk,nkd->nd", att, per_key), got, atol=1e-5), head
         token = torch.tensor([3, 9, 4])
         lens = train.readout_loss(model, seen["last"][qb, qp], token)
         assert torch.allclose(lens, torch.nn.functional.cross_entropy(logits[qb, qp], token), atol=1e-5)
@@ -436,3 +451,20 @@ def test_majority_baseline_gives_each_familys_most_frequent_answer():
     test = majority_baseline(heldout_items())
     assert test["existence"] == 0.5  # POPE-style: balanced yes/no
     assert all(0 < v < 1 for v in test.values())
+
+
+def test_object_position_agrees_with_the_spatial_answers():
+    from scope.mini import train
+
+    checked = 0
+    for it in heldout_items():
+        if it["family"] != "spatial":
+            continue
+        scene = make_scene(it["seed"])
+        (ra, ca), (rb, cb) = (train.object_position(scene, r) for r in it["refs"])
+        assert all(-2 <= v <= 2 for v in (ra, ca, rb, cb))
+        # the read-out's target says what the answer says: a is left of b <=> its column is smaller, etc.
+        expected = {"left": ca < cb, "right": ca > cb, "above": ra < rb, "below": ra > rb}[it["answer"]]
+        assert expected, (it["question"], it["answer"], (ra, ca), (rb, cb))
+        checked += 1
+    assert checked >= 50

@@ -67,6 +67,17 @@ def _reused(results: dict) -> str:
     )
 
 
+def _cls_share(results: dict) -> str:
+    """The card's CLS-attention line, when the run measured it (the NeXT stage reuses MiniLLaVA's tower)."""
+    if "cls_top10_share" not in results:
+        return ""
+    return (
+        "- Share of the layer -2 CLS attention (summed over heads, over the patches) held by the top 10% of "
+        f"tokens:\n  **{100 * results['cls_top10_share']:.1f}%** (mean over {results.get('cls_images', 0)} "
+        "test images; a uniform attention would give 10%).\n"
+    )
+
+
 def write_card(out_dir: Path, name: str, arch: str, recipe: str, results: dict) -> Path:
     """Write ``results.json`` and ``README.md`` (the model card) next to a checkpoint."""
     out_dir = Path(out_dir)
@@ -107,10 +118,7 @@ visual tokens uniformly at random (seed 0), in raster order.
 
 {_table(results)}
 
-- Share of the layer -2 CLS attention (summed over heads, over the patches) held by the top 10% of tokens:
-  **{100 * results.get("cls_top10_share", float("nan")):.1f}%** (mean over {results.get("cls_images", 0)} test images;
-  a uniform attention would give 10%).
-- Training time: {results.get("train_minutes", float("nan")):.1f} min on {results.get("threads", 2)} CPU threads
+{_cls_share(results)}- Training time: {results.get("train_minutes", float("nan")):.1f} min on {results.get("threads", 2)} CPU threads
   (wall clock of the run that produced this checkpoint; the machine may have been shared).{_reused(results)}
 - Checkpoint: {size_mb:.1f} MB of safetensors ({results.get("dtype", "bfloat16")}).
 - Accuracy over training time: `training_log.csv` (stage, step, seconds, metric, value).
