@@ -112,7 +112,7 @@ def test_a_few_training_steps_reduce_the_loss():
         log_every=1,
         masks=masks,
         ground=1.0,
-        targets=tuple(train.TARGET_HEADS),  # the opt-in position heads too
+        targets=tuple(train.TARGET_HEADS),  # the opt-in position heads (--where) too
         readouts=(*train.READOUTS, *train.OPTIONAL_READOUTS),
     )
     lm_losses = [r[3]["loss"] for r in log_rows if r[0] == "lm"]
@@ -468,3 +468,22 @@ def test_object_position_agrees_with_the_spatial_answers():
         assert expected, (it["question"], it["answer"], (ra, ca), (rb, cb))
         checked += 1
     assert checked >= 50
+
+
+def test_where_flag_adds_the_position_heads_and_says_so_in_the_recipe():
+    import argparse
+
+    from scope.mini import train
+
+    base = dict(tower_warmup=5, tower_batch=4, tower_steps=10, tower_lr=1e-3, tower_window=12, tower_zoom=0.3)
+    base.update(tower_group=1.0, tower_no_local=False, pool=8, lm_steps=10, lm_lr=1e-3, lm_batch=2, turns=2)
+    base.update(ground=1.0, curriculum_hold=2, curriculum=2, seed=0)
+    plain, where = argparse.Namespace(**base), argparse.Namespace(**base, where=True)
+    assert train._extras(plain) == {} and "--where" not in train.mini_recipe(plain)
+    extra = train._extras(where)
+    assert set(extra["targets"]) == set(train.TARGET_HEADS) and {"where_a", "where_b"} <= set(
+        extra["targets"]
+    )
+    assert extra["readouts"] == (*train.READOUTS, *train.OPTIONAL_READOUTS)
+    assert not set(train.OPTIONAL_TARGETS) & set(train.DEFAULT_TARGETS)
+    assert "With `--where`" in train.mini_recipe(where)
