@@ -952,9 +952,7 @@ def train_lm(
                 parts["where_patch"] = torch.stack(
                     [
                         F.mse_loss(
-                            where_probe(
-                                head_values(cap, *heads[kind][0][:1], heads[kind][1], qb, kp).float()
-                            ),
+                            where_probe(head_values(cap, heads[kind][0][0], heads[kind][1], qb, kp).float()),
                             target,
                         )
                         for kind in ("where_a", "where_b")
