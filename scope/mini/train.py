@@ -693,7 +693,7 @@ def head_output(
     w = _head_logp(attn, h, cos, sin, qb, qp, head).exp()  # [n, L]
     v = head_slice(attn.v_proj, h, hd, head)  # [B, L, hd]
     mixed = torch.einsum("nl,nld->nd", w.to(v.dtype), v[qb])
-    return mixed @ attn.o_proj.weight[:, head * hd : (head + 1) * hd].T
+    return mixed @ _o_columns(attn, head)
 
 
 def head_values(
@@ -702,9 +702,14 @@ def head_values(
     """What ``head`` of LM ``layer`` would add from keys (``qb``, ``kp``) alone: their values through its
     slice of ``o_proj``, [n, D] (``head_output`` is the attention-weighted mean of these)."""
     attn, h, _ = cap.inputs[layer]
+    v = head_slice(attn.v_proj, h[qb, kp], attn.head_dim, head)  # [n, hd]
+    return v @ _o_columns(attn, head)
+
+
+def _o_columns(attn, head: int) -> torch.Tensor:
+    """The head's columns of ``o_proj``, transposed: [hd, D] (a head's value -> its share of the output)."""
     hd = attn.head_dim
-    v = head_slice(attn.v_proj, h[qb, kp], hd, head)  # [n, hd]
-    return v @ attn.o_proj.weight[:, head * hd : (head + 1) * hd].T
+    return attn.o_proj.weight[:, head * hd : (head + 1) * hd].T
 
 
 def readout_loss(model, x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
@@ -1083,6 +1088,7 @@ def _run_info(model, tok, log, args) -> dict:
 
 def mini_recipe(args) -> str:
     """The MiniLLaVA recipe as the model card states it, from the training arguments."""
+    where = getattr(args, "where", False)
     return (
         f"1. Vision tower: first {args.tower_warmup} warm-up steps on full images (batch "
         f"{max(4, args.tower_batch // 2)}) with only the per-patch shape and digit losses, then "
@@ -1121,13 +1127,13 @@ def mini_recipe(args) -> str:
             "one linear probe trained alongside, what they carry from each object token and add at the answer "
             "predicts the object's row and column; through the logit lens, what they and the relation head add "
             "predicts the spatial answer, and what the object heads add predicts a reading question's digit. "
-            if getattr(args, "where", False)
+            if where
             else ""
         )
         + "Curriculum: every object token but only "
         f"3% of the background tokens for the first {args.curriculum_hold} steps, then background growing to 100% over "
         f"{args.curriculum} steps; bf16 autocast.\n"
-        f"Seed {args.seed}; `python -m scope.mini.train --all{' --where' if getattr(args, 'where', False) else ''}` "
+        f"Seed {args.seed}; `python -m scope.mini.train --all{' --where' if where else ''}` "
         "rebuilds it."
     )
 
