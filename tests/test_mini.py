@@ -484,6 +484,7 @@ def test_where_flag_adds_the_position_heads_and_says_so_in_the_recipe():
     assert set(extra["targets"]) == set(train.TARGET_HEADS) and {"where_a", "where_b"} <= set(
         extra["targets"]
     )
-    assert extra["readouts"] == (*train.READOUTS, *train.OPTIONAL_READOUTS)
+    assert extra["readouts"] == (*train.READOUTS, *train.WHERE_READOUTS)
+    assert set(train.WHERE_READOUTS) <= set(train.OPTIONAL_READOUTS)
     assert not set(train.OPTIONAL_TARGETS) & set(train.DEFAULT_TARGETS)
     assert "With `--where`" in train.mini_recipe(where)
