@@ -488,3 +488,32 @@ def test_where_flag_adds_the_position_heads_and_says_so_in_the_recipe():
     assert set(train.WHERE_READOUTS) <= set(train.OPTIONAL_READOUTS)
     assert not set(train.OPTIONAL_TARGETS) & set(train.DEFAULT_TARGETS)
     assert "With `--where`" in train.mini_recipe(where)
+
+
+def test_training_is_deterministic_for_a_seed():
+    """`make model` promises the same checkpoints for the same seed (on one machine and thread count)."""
+    from scope.mini import train
+    from scope.mini.model import build_config, build_model, build_tokenizer, build_vocab
+
+    tok = build_tokenizer(build_vocab(n_scenes=100))
+    seq = train.Seq(tok)
+
+    def run(seed):
+        model = build_model(
+            build_config(tok, vision_layers=2, vision_width=32, lm_layers=1, lm_width=32), seed
+        )
+        quiet = lambda *row: None  # noqa: E731
+        train.train_tower(
+            model, steps=4, batch=4, lr=3e-3, seed=seed, log=quiet, window=6, zoom=0.5, warmup=2, local=False
+        )
+        pool = np.arange(4) + seed
+        feats, masks = train.extract_features(model, pool, batch=4, with_masks=True)
+        train.train_lm(
+            model, seq, feats, pool, steps=4, batch=2, turns=3, lr=3e-3, seed=seed, log=quiet,
+            evaluate_fn=lambda: {}, eval_every=1000, masks=masks, ground=1.0, curriculum=2,
+        )  # fmt: skip
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    a, b, other = run(0), run(0), run(1)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sum(not torch.equal(a[k], other[k]) for k in a) > len(a) // 2
