@@ -32,7 +32,12 @@ either object's position (ridge R^2 <= 0.01), although the LM's input tokens do 
 position heads and read-outs (``OPTIONAL_TARGETS``, ``OPTIONAL_READOUTS``) that fix spatial: one run of it
 (same cached stage 1) reached 70.0% spatial on the test split (validation 0.82 from step 2500), but 72.1%
 overall (existence 81%, counting 71%, attribute 96%, reading 36%, choice 78%; validation 0.76 against 0.74)
-and its stage 2 took 67 min instead of 56, so it is not the default yet.
+and its stage 2 took 67 min instead of 56, so it is not the default yet. Since then its terms add to the default
+terms instead of diluting them in one mean, and it leaves out the glyph read-out; a partial run of that (a new
+stage 1, as the flush of denormals changes its bits) reached validation spatial 0.80 at step 1000 but 0.51
+overall (the default run: 0.59), its object heads' grounding loss still above the default's (0.58 vs 0.42 over
+steps 1000-1199), so the extra heads still cost the other families in this 4-layer LM. A 400-step fine-tune of
+the shipped checkpoint with the ``--where`` terms (lr 1e-3) left spatial at chance (54% on the test split).
 MiniLLaVA-NeXT answers 67.3% (120 anyres steps; 57.5% after 40 steps that never left the warm-up): above
 MiniLLaVA on reading (44% vs 39%), below it on counting (61% vs 88%).
 
