@@ -101,6 +101,14 @@ def _resolve(model_id_or_path: str | os.PathLike | None, kwargs: dict[str, Any])
     return name
 
 
+def _embedded(source: str) -> bool:
+    """Whether ``source`` is a checkpoint shipped in the repository's ``data/`` (MiniLLaVA, MiniLLaVA-NeXT)."""
+    from scope import paths
+
+    path = Path(source).expanduser()
+    return path.exists() and path.resolve().is_relative_to(Path(paths.DATA_DIR).resolve())
+
+
 def load(
     model_id_or_path: str | os.PathLike | None = None,
     method: str | None = None,
@@ -115,7 +123,9 @@ def load(
         method: None (unpatched) or a ``scope.patch`` method ("scope", "visionzip", "fastv", ...).
         budget: visual tokens per image for the patch; None means 64 (PDrop: its ratio schedule).
         **from_pretrained_kwargs: passed to ``from_pretrained`` of the model (e.g. ``dtype``,
-            ``device_map``, ``revision``, ``attn_implementation``).
+            ``device_map``, ``revision``, ``attn_implementation``). Without ``dtype`` the embedded
+            checkpoints load in float32 (their answers then do not depend on the CPU's bf16 kernels) and
+            other checkpoints in their stored dtype.
 
     Returns:
         ``(model, processor)``, the model in eval mode.
@@ -130,6 +140,12 @@ def load(
 
     kwargs = dict(from_pretrained_kwargs)
     source = _resolve(model_id_or_path, kwargs)
+    if "dtype" not in kwargs and "torch_dtype" not in kwargs and _embedded(source):
+        # The embedded checkpoints are stored in bf16 but run in fp32: CPU bf16 kernels round differently
+        # on different CPUs, and near-tied answers flipped between two machines (make reproduce tables).
+        import torch
+
+        kwargs["dtype"] = torch.float32
     local_only = _offline() or bool(kwargs.pop("local_files_only", False)) or Path(source).exists()
     if not local_only and not hub_reachable():
         local_only = True  # cached hub id, no network: use the cache instead of waiting on timeouts

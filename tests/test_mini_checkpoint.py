@@ -78,3 +78,18 @@ def test_card_matches_results():
     status = results.get("status", "trained")
     if status != "trained":
         assert f"Status: {status}" in card
+
+
+def test_embedded_checkpoints_load_in_float32_unless_asked(tmp_path):
+    """Stored in bf16, run in fp32 (CPU bf16 kernels differ between CPUs); a given dtype or a copy elsewhere
+    keeps the usual behaviour (the stored dtype)."""
+    import shutil
+
+    import scope
+
+    assert scope.load()[0].dtype == torch.float32
+    assert scope.load(MINILLAVA_NEXT_DIR)[0].dtype == torch.float32
+    assert scope.load(dtype=torch.bfloat16)[0].dtype == torch.bfloat16
+    copy = tmp_path / "mini"
+    shutil.copytree(MINILLAVA_DIR, copy)
+    assert scope.load(copy)[0].dtype == torch.bfloat16
