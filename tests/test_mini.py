@@ -18,6 +18,25 @@ def test_scene_generator_is_deterministic():
     assert make_scene(124).objects != a.objects  # the seed matters
 
 
+def test_background_is_bit_identical_to_the_plain_formula():
+    """The cached-grid, in-place background must give exactly the pixels of the formula it documents."""
+    import math
+
+    from scope.mini.scenes import RENDER_SIZE, _background
+
+    s = RENDER_SIZE
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
+    for seed in (0, 1, 77, 123_456):
+        sc = make_scene(seed)
+        base, angle, noise_seed = sc.bg
+        stripes = np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi * 9) * 9
+        noise = np.random.default_rng(noise_seed).normal(0, 7, size=(s, s, 1)).astype(np.float32)
+        plain = np.asarray(base, np.float32)[None, None] + (stripes + (xx - 0.5) * 24)[..., None] + noise
+        expected = np.clip(plain, 0, 255).astype(np.uint8)
+        assert np.array_equal(np.asarray(_background(sc)), expected), seed
+    assert not np.array_equal(np.asarray(_background(make_scene(0))), np.asarray(_background(make_scene(1))))
+
+
 def test_scene_objects_are_distinct_and_inside():
     for seed in range(40):
         sc = make_scene(seed)
