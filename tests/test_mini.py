@@ -179,7 +179,7 @@ def test_patch_labels_of_a_full_resolution_crop():
     _, ids = render(scene, 384, with_ids=True)
     whole = train.patch_labels(scene, ids)
     crop = train.patch_labels(scene, ids, (0, 0, 192))  # top-left quarter at twice the scale
-    assert whole.shape == crop.shape == (8, 576)
+    assert whole.shape == crop.shape == (9, 576)
     for labels in (whole, crop):
         obj = labels[5] > 0
         assert ((labels[0] > 0) == obj).all() and labels[6][obj].min() >= 1 and labels[6].max() <= 24
@@ -189,6 +189,69 @@ def test_patch_labels_of_a_full_resolution_crop():
     for o in inside:
         k = scene.objects.index(o) + 1
         assert abs(int(np.median(crop[6][crop[5] == k])) - 2 * int(np.median(whole[6][whole[5] == k]))) <= 2
+
+
+def test_ink_labels_mark_the_patches_that_see_each_digit():
+    from scope.mini import train
+    from scope.mini.scenes import DIGITS
+
+    for seed in range(6):
+        scene = make_scene(seed)
+        _, ids = render(scene, 384, with_ids=True)
+        whole, crop = train.patch_labels(scene, ids), train.patch_labels(scene, ids, (96, 96, 192))
+        for k, o in enumerate(scene.objects, start=1):
+            ink = (whole[8] > 0) & (whole[5] == k)
+            if not o.glyph:
+                assert not ink.any()
+                continue
+            # a digit covers a few patches of its own object, all labelled with it, never all of the object
+            assert 2 <= ink.sum() < (whole[5] == k).sum()
+            assert (whole[8][ink] == 1 + DIGITS.index(o.glyph)).all()
+            x0, y0, x1, y1 = train.glyph_box(o)
+            if 96 <= x0 and x1 <= 288 and 96 <= y0 and y1 <= 288:  # wholly inside the crop: twice the scale
+                assert ((crop[8] > 0) & (crop[5] == k)).sum() >= 2 * ink.sum()
+        assert ((whole[8] > 0) <= (whole[5] > 0)).all()  # ink only on objects
+
+
+def test_glyph_head_ink_term_is_the_mean_loss_over_ink_patches():
+    import torch.nn.functional as F
+
+    from scope.mini import train
+
+    torch.manual_seed(0)
+    _, _, dense, cls = train.scene_batch([3, 4])
+    hidden = torch.randn(2, 577, 32)
+    plain, inked = train.TowerHeads(32), train.TowerHeads(32, ink=2.0)
+    inked.load_state_dict(plain.state_dict())
+    logits = plain.dense[3](plain.norm_patch(hidden[:, 1:])).flatten(0, 1)
+    ink = dense[:, 8].flatten()
+    expected = 2.0 * F.cross_entropy(logits[ink > 0], ink[ink > 0])
+    diff = inked.loss(hidden, dense, cls)["dense"] - plain.loss(hidden, dense, cls)["dense"]
+    assert torch.allclose(diff, expected, atol=1e-5) and expected > 0
+    assert "probe_ink" in plain.probe_accuracy(hidden, dense)
+
+
+def test_pca_patch_init_whitens_patches_and_keeps_the_position_channels():
+    from scope.mini import train
+    from scope.mini.model import build_config, build_model, build_tokenizer
+
+    tower = build_model(build_config(build_tokenizer(), 2, 128, 1, 32)).model.vision_tower
+    with torch.no_grad():
+        train.local_attention_init(tower)
+        w = tower.embeddings.patch_embedding.weight
+        before = w.clone()
+        train.pca_patch_init(tower, n_scenes=8)
+        _, px, _, _ = train.scene_batch(np.arange(train.VAL_SEED_BASE // 2, train.VAL_SEED_BASE // 2 + 8))
+        p = train.PATCH_SIZE
+        patches = px.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * p * p)
+        k = 128 - train.LOCAL_POS_CHANNELS
+        out = (patches - patches.mean(0)) @ w.view(128, -1)[:k].T
+        ref = (patches - patches.mean(0)) @ before.view(128, -1)[:k].T
+    corr = torch.corrcoef(out.T)
+    assert (corr - torch.eye(k)).abs().max() < 1e-3  # decorrelated channels of equal variance
+    assert torch.allclose(out.std(0), out.std(0).mean().expand(k), rtol=1e-3)
+    assert abs(out.std() / ref.std() - 1) < 1e-3  # the output scale of the random weights is kept
+    assert torch.equal(w[k:], before[k:]) and (w[k:] == 0).all()  # position-code channels untouched
 
 
 def test_sincos_position_embeddings_tell_every_patch_apart():

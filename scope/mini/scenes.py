@@ -109,6 +109,21 @@ def _polygon(o: Obj) -> list[tuple[float, float]]:
     raise ValueError(f"shape={o.shape!r} has no polygon")
 
 
+def _glyph_anchor(o: Obj) -> tuple[float, int]:
+    """(y of the glyph's middle, font size in px) of the digit drawn on ``o`` (centred at x = ``o.x``)."""
+    tri = o.shape == "triangle"  # a triangle's glyph sits lower and smaller, inside its wide base
+    return o.y + (o.r * 0.2 if tri else 0), int(o.r * (0.75 if tri else 0.95))
+
+
+def glyph_box(o: Obj) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1): the ink bounding box of ``o``'s digit in render pixels (``o`` must have a glyph)."""
+    if not o.glyph:
+        raise ValueError(f"object {o.name!r} has no glyph")
+    cy, size_px = _glyph_anchor(o)
+    left, top, right, bottom = _font(size_px).getbbox(o.glyph, anchor="mm")
+    return o.x + left, cy + top, o.x + right, cy + bottom
+
+
 @functools.lru_cache(maxsize=4)
 def _grid(s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row and column coordinates in [0, 1) and the horizontal gradient of an ``s`` px canvas (read-only)."""
@@ -154,8 +169,7 @@ def render(scene: Scene, size: int = RENDER_SIZE, with_ids: bool = False):
                 d.polygon(_polygon(o), fill=f)
         if o.glyph:
             ink = (20, 20, 20) if o.color in ("yellow", "orange", "green") else (250, 250, 250)
-            cy = o.y + (o.r * 0.2 if o.shape == "triangle" else 0)
-            size_px = int(o.r * (0.75 if o.shape == "triangle" else 0.95))
+            cy, size_px = _glyph_anchor(o)
             draw.text((o.x, cy), o.glyph, fill=ink, font=_font(size_px), anchor="mm")
     if size != RENDER_SIZE:
         img = img.resize((size, size), Image.Resampling.LANCZOS)

@@ -74,7 +74,7 @@ from scope.mini.model import (
     build_tokenizer,
 )
 from scope.mini.next import NEXT_IMAGE_SIZE, build_next_processor, next_from_mini
-from scope.mini.scenes import COLORS, DIGITS, RENDER_SIZE, SHAPES, Scene, make_scene, render
+from scope.mini.scenes import COLORS, DIGITS, RENDER_SIZE, SHAPES, Scene, glyph_box, make_scene, render
 from scope.mini.synthbench import FAMILIES, LETTERS, heldout_items, make_question
 from scope.paths import MINILLAVA_DIR, MINILLAVA_NEXT_DIR
 
@@ -95,10 +95,11 @@ def pixels(images) -> torch.Tensor:
 
 
 def patch_labels(scene: Scene, ids: np.ndarray, box: tuple[int, int, int] | None = None) -> np.ndarray:
-    """[8, 576] per-patch targets: colour, shape, size, glyph, centre class (0 = background / none), the
-    owner (1 + index of the object under the patch, 0 = background; used by stage 2, not a tower target), and
+    """[9, 576] per-patch targets: colour, shape, size, glyph, centre class (0 = background / none), the
+    owner (1 + index of the object under the patch, 0 = background; used by stage 2, not a tower target),
     the grid row and column of the owner's centre (1 + row / col, 0 = background, clamped to the grid), so
-    that every patch of an object knows where the object is (what spatial questions ask).
+    that every patch of an object knows where the object is (what spatial questions ask), and the ink
+    (1 + digit on patches the digit's bounding box covers by >= 25%, else 0: the patches that see it).
 
     ``ids`` is the render-resolution object-id map; ``box=(x0, y0, size)`` labels the crop of that map the
     model sees instead of the whole scene (a LLaVA-NeXT-style full-resolution crop).
@@ -111,7 +112,7 @@ def patch_labels(scene: Scene, ids: np.ndarray, box: tuple[int, int, int] | None
     hist = np.stack([(blocks == k).mean(1) for k in range(n_obj + 1)], 1)  # [576, n_obj+1]
     owner = hist[:, 1:].argmax(1) + 1
     owner[hist[:, 1:].max(1) < 0.2] = 0  # a patch belongs to an object covering >= 20% of it
-    out = np.zeros((8, N_PATCHES), np.int64)
+    out = np.zeros((9, N_PATCHES), np.int64)
     out[5] = owner
     for k, o in enumerate(scene.objects, start=1):
         row, col = int((o.y - y0) // cell), int((o.x - x0) // cell)
@@ -126,6 +127,13 @@ def patch_labels(scene: Scene, ids: np.ndarray, box: tuple[int, int, int] | None
         if inside:
             out[4, row * GRID + col] = 1 + S_LIST.index(o.shape) * len(C_LIST) + C_LIST.index(o.color)
         out[6, m], out[7, m] = 1 + min(max(row, 0), GRID - 1), 1 + min(max(col, 0), GRID - 1)
+        if o.glyph:
+            gx0, gy0, gx1, gy1 = glyph_box(o)
+            edges = np.arange(GRID) * cell
+            cover_x = np.clip(np.minimum(edges + cell, gx1 - x0) - np.maximum(edges, gx0 - x0), 0, None)
+            cover_y = np.clip(np.minimum(edges + cell, gy1 - y0) - np.maximum(edges, gy0 - y0), 0, None)
+            cover = (cover_y[:, None] * cover_x[None, :]).reshape(-1) / cell**2
+            out[8, cover >= 0.25] = 1 + DIGITS.index(o.glyph)
     return out
 
 
@@ -339,8 +347,9 @@ def window_targets(dense: torch.Tensor, window: tuple[int, int, int]) -> tuple[t
 class TowerHeads(nn.Module):
     """Auxiliary heads used only while training the tower (not part of the shipped checkpoint)."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, ink: float = 0.0):
         super().__init__()
+        self.ink = ink
         self.norm_cls, self.norm_patch = nn.LayerNorm(width), nn.LayerNorm(width)
         self.presence = nn.Linear(width, len(C_LIST) * len(S_LIST))
         self.counts = nn.Linear(width, (len(S_LIST) + len(C_LIST)) * 8)
@@ -378,8 +387,16 @@ class TowerHeads(nn.Module):
         for name, k, head in zip(self.DENSE_NAMES, self.DENSE_ROWS, self.dense):
             if only and name not in only:
                 continue
-            ce = self._dense_loss(name, head(h_patch).flatten(0, 1), dense[:, k].flatten())
+            logits = head(h_patch).flatten(0, 1)
+            ce = self._dense_loss(name, logits, dense[:, k].flatten())
             l_dense = l_dense + ce.mean() + (ce[obj].mean() if obj.any() else 0.0)
+            if name == "glyph" and self.ink:
+                # The digit is drawn on ~1% of a scene's patches, ~6% of object patches: in both means above
+                # its signal is drowned by "no digit", and the digit probe stayed at its base rate through
+                # the warm-up. This term is the mean loss over the patches that see the digit.
+                ink = dense[:, 8].flatten()
+                if (ink > 0).any():
+                    l_dense = l_dense + self.ink * F.cross_entropy(logits[ink > 0], ink[ink > 0])
         if only:
             return {"dense": l_dense}
         h_cls = self.norm_cls(hidden[:, 0])
@@ -399,6 +416,9 @@ class TowerHeads(nn.Module):
             pred = self._predict(name, head(h_patch))
             sel = obj if name != "centre" else dense[:, 4] > 0
             out[f"probe_{name}"] = float((pred[sel] == dense[:, k][sel]).float().mean())
+            if name == "glyph":  # on the patches that see a digit: can the features read it where it is?
+                ink = dense[:, 8] > 0
+                out["probe_ink"] = float((pred[ink] == dense[:, 8][ink]).float().mean())
         return out
 
 
@@ -417,6 +437,8 @@ def train_tower(
     pos_scale: float = 0.1,
     local: bool = True,
     warmup: int = 500,
+    ink: float = 0.0,
+    pca: bool = False,
 ) -> None:
     """Stage 1: CLS + dense objectives; windows of ``window`` patches first, full images for the last steps.
 
@@ -429,6 +451,13 @@ def train_tower(
     300-450 steps, with or without the grouping loss, the zoomed crops, the CLS loss or a 3x shape weight;
     after 500 warm-up steps it was 0.73, and 0.80 after 300 further multitask steps. The digit probe did
     not move in the warm-up (0.41, the share of object patches without a digit).
+
+    ``ink`` > 0 adds the glyph head's mean loss over the patches that see a digit (``patch_labels`` row 8)
+    with that weight, and ``pca`` starts the patch embedding from whitened principal components of image
+    patches (``pca_patch_init``). On the shipped tower (neither) a linear probe of an object's mean layer -2
+    feature names its digit for 39% of held-out objects (chance 17%) -- the reading accuracy of MiniLLaVA,
+    so the tower, not the LM, limits reading. In 300 warm-up steps the digit head read 24% of the ink
+    patches with ``ink`` alone and 43% with both (14% with neither after 400 steps).
     """
     tower = model.model.vision_tower
     # Without ``local``: 2-D sin-cos initial position embeddings (as MAE): position is readable from step 0. Scaled by
@@ -441,7 +470,9 @@ def train_tower(
             pos = tower.embeddings.position_embedding.weight
             pos[1:] = pos_scale * sincos_2d(GRID, pos.shape[1]).to(pos.dtype)
             pos[0] = 0
-    heads = TowerHeads(tower.config.hidden_size)
+    if pca:
+        pca_patch_init(tower, local=local)
+    heads = TowerHeads(tower.config.hidden_size, ink)
     params = list(tower.parameters()) + list(heads.parameters())
     rng = np.random.default_rng(seed)
     tower.train()
@@ -500,6 +531,31 @@ def train_tower(
                 + " ".join(f"{k}={v:.3f}" for k, v in probe.items())
             )
     tower.eval()
+
+
+@torch.no_grad()
+def pca_patch_init(tower, n_scenes: int = 96, local: bool = True) -> None:
+    """Set the patch embedding to whitened principal components of the (CLIP-normalised) 8x8 patches of
+    ``n_scenes`` fixed scenes, rescaled to the output scale of its current weights.
+
+    A random patch embedding mixes every pixel of a patch; the digit strokes are a few pixels wide, and
+    from random weights the tower learnt them only slowly. Principal components are the edge and colour
+    filters the data varies along, a standard data-dependent initialisation. With ``local`` the channels
+    that ``local_attention_init`` reserves for the position code stay zero.
+    """
+    emb = tower.embeddings.patch_embedding
+    _, px, _, _ = scene_batch(np.arange(VAL_SEED_BASE // 2, VAL_SEED_BASE // 2 + n_scenes))
+    p = PATCH_SIZE
+    patches = px.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * p * p).double()
+    patches = patches - patches.mean(0)
+    _, sv, v = torch.linalg.svd(patches, full_matrices=False)
+    k = emb.out_channels - (LOCAL_POS_CHANNELS if local else 0)
+    if k > v.shape[0]:
+        raise ValueError(f"pca_patch_init: {k} channels but only {v.shape[0]} components per patch")
+    w = emb.weight.view(emb.out_channels, -1)
+    comp = v[:k] / (sv[:k, None] / math.sqrt(len(patches)))  # whitened: unit variance on the data
+    comp = comp * (patches @ w[:k].double().T).std() / (patches @ comp.T).std()
+    w[:k] = comp.to(w.dtype)
 
 
 @torch.no_grad()
@@ -1120,6 +1176,18 @@ def mini_recipe(args) -> str:
             "channels, and 9 heads of layers 0-2 set to attend to a fixed neighbouring patch (offsets "
             f"{LOCAL_OFFSETS}); all weights stay trainable. "
         )
+        + (
+            f"The digit head also gets the mean loss over the patches the digit's ink covers (weight "
+            f"{args.tower_ink}). "
+            if getattr(args, "tower_ink", 0.0)
+            else ""
+        )
+        + (
+            "The patch embedding starts from whitened principal components of image patches "
+            "(`pca_patch_init`). "
+            if getattr(args, "tower_pca", False)
+            else ""
+        )
         + "`training_log.csv` has the linear-probe accuracy of each head.\n"
         f"2. Projector + language model, tower frozen: layer -2 features of {args.pool} training scenes extracted "
         f"once (bf16); {args.lm_steps} AdamW steps (lr {args.lm_lr}, warm-up + cosine), batch {args.lm_batch} "
@@ -1181,6 +1249,8 @@ def train_minillava(out_dir: Path, args) -> tuple:
             group=args.tower_group,
             local=not args.tower_no_local,
             warmup=args.tower_warmup,
+            ink=args.tower_ink,
+            pca=args.tower_pca,
         )
         if args.tower_ckpt is not None:
             torch.save(model.model.vision_tower.state_dict(), args.tower_ckpt)
@@ -1382,6 +1452,15 @@ def main(argv=None) -> None:
     )
     p.add_argument(
         "--tower-no-local", action="store_true", help="start stage 1 from sin-cos positions, no local heads"
+    )
+    p.add_argument(
+        "--tower-ink",
+        type=float,
+        default=0.0,
+        help="weight of the stage-1 digit loss on the patches that see it",
+    )
+    p.add_argument(
+        "--tower-pca", action="store_true", help="start the patch embedding from principal components"
     )
     p.add_argument("--tower-ckpt", type=Path, default=None, help="reuse/save the stage-1 tower here")
     p.add_argument("--tower-only", action="store_true")
