@@ -553,14 +553,9 @@ def test_object_position_agrees_with_the_spatial_answers():
 
 
 def test_where_flag_adds_the_position_heads_and_says_so_in_the_recipe():
-    import argparse
-
     from scope.mini import train
 
-    base = dict(tower_warmup=5, tower_batch=4, tower_steps=10, tower_lr=1e-3, tower_window=12, tower_zoom=0.3)
-    base.update(tower_group=1.0, tower_no_local=False, pool=8, lm_steps=10, lm_lr=1e-3, lm_batch=2, turns=2)
-    base.update(ground=1.0, curriculum_hold=2, curriculum=2, seed=0)
-    plain, where = argparse.Namespace(**base), argparse.Namespace(**base, where=True)
+    plain, where = train.parser().parse_args([]), train.parser().parse_args(["--where"])
     assert train._extras(plain) == {} and "--where" not in train.mini_recipe(plain)
     extra = train._extras(where)
     assert set(extra["targets"]) == set(train.TARGET_HEADS) and {"where_a", "where_b"} <= set(
@@ -570,6 +565,20 @@ def test_where_flag_adds_the_position_heads_and_says_so_in_the_recipe():
     assert set(train.WHERE_READOUTS) <= set(train.OPTIONAL_READOUTS)
     assert not set(train.OPTIONAL_TARGETS) & set(train.DEFAULT_TARGETS)
     assert "With `--where`" in train.mini_recipe(where)
+
+
+def test_make_model_defaults_train_the_tower_on_ink_from_principal_components():
+    from scope.mini import train
+
+    args = train.parser().parse_args([])
+    assert args.tower_ink == 1.0 and args.tower_pca is True
+    recipe = train.mini_recipe(args)
+    assert "ink covers (weight 1.0)" in recipe and "principal components" in recipe
+    off = train.parser().parse_args(["--tower-ink", "0", "--no-tower-pca"])
+    assert off.tower_ink == 0 and off.tower_pca is False
+    assert "ink covers" not in train.mini_recipe(off) and "principal components" not in train.mini_recipe(off)
+    assert "--all --tower-ink 0.0 --no-tower-pca`" in train.mini_recipe(off)  # the card's rebuild command
+    assert "--all`" in recipe
 
 
 def test_training_is_deterministic_for_a_seed():
