@@ -1236,11 +1236,12 @@ def mini_recipe(args) -> str:
 
 def _nondefault_flags(args) -> str:
     """The command-line flags that set ``args`` apart from the ``make model`` defaults (for the card)."""
+    default = parser().get_default
     flags = " --where" if args.where else ""
-    if args.tower_ink != 1.0:
+    if args.tower_ink != default("tower_ink"):
         flags += f" --tower-ink {args.tower_ink}"
-    if not args.tower_pca:
-        flags += " --no-tower-pca"
+    if args.tower_pca != default("tower_pca"):
+        flags += " --no-tower-pca" if not args.tower_pca else " --tower-pca"
     return flags
 
 
