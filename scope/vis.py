@@ -469,6 +469,10 @@ def to_markdown(df: pd.DataFrame, floatfmt: str = ".1f", index: bool = False) ->
     return "\n".join(lines)
 
 
+# printf format of floats in saved CSV tables (see ``save_table``)
+CSV_FLOAT_FORMAT = "%.6g"
+
+
 def save_table(
     df: pd.DataFrame,
     name: str,
@@ -477,13 +481,17 @@ def save_table(
     title: str | None = None,
     floatfmt: str = ".1f",
 ) -> list[Path]:
-    """Write ``<name>.csv`` (full precision) and ``<name>.md`` (title, source line, formatted table)."""
+    """Write ``<name>.csv`` and ``<name>.md`` (title, source line, formatted table).
+
+    The CSV keeps 6 significant digits: enough for any comparison the notebooks make, and it leaves out the
+    float32 noise (~1e-7 relative) that otherwise changes the committed CSVs from one host to another.
+    """
     _check_name(name)
     if not source:
         raise ValueError("source must say which model and data produced the table")
     out = _out_dir(figures_dir)
     csv, md = out / f"{name}.csv", out / f"{name}.md"
-    df.to_csv(csv, index=False)
+    df.to_csv(csv, index=False, float_format=CSV_FLOAT_FORMAT)
     text = ([f"**{title}**", ""] if title else []) + [to_markdown(df, floatfmt), "", f"Source: {source}", ""]
     md.write_text("\n".join(text))
     return [csv, md]

@@ -129,6 +129,12 @@ def test_save_figure_and_table_write_all_formats_with_source(tmp_path):
     csv, md = vis.save_table(df, "demo_table", source="TinyModel", figures_dir=tmp_path, title="Demo")
     pd.testing.assert_frame_equal(pd.read_csv(csv), df)
     text = md.read_text()
+    # the CSV drops float32 noise: values equal to 6 significant digits are written identically
+    noisy = pd.DataFrame({"v": [86.94842300998668, 0.87545080576092]})
+    close = pd.DataFrame({"v": [86.94842300998669, 0.8754508011043072]})
+    a, _ = vis.save_table(noisy, "noisy", source="x", figures_dir=tmp_path / "a")
+    b, _ = vis.save_table(close, "noisy", source="x", figures_dir=tmp_path / "b")
+    assert a.read_text() == b.read_text() == "v\n86.9484\n0.875451\n"
     assert "| SCOPE | 91.2 |" in text and "| Random | – |" in text and "Source: TinyModel" in text
     with pytest.raises(ValueError, match="name"):
         vis.save_table(df, "bad/name", source="x", figures_dir=tmp_path)
