@@ -300,14 +300,23 @@ def test_target_status_names_every_missed_target(tmp_path):
     card = write_card(tmp_path, "X", "LlavaForConditionalGeneration", "recipe", {**bad, "status": status})
     text = card.read_text()
     assert f"Status: {status}" in text and "| counting | 50.0% | 95.0% |" in text
-    assert "loaded from the cached output" not in text
+    assert "from caches" not in text
     assert "CLS attention" not in text  # not measured in this run: no line, rather than "nan%"
     shared = write_card(tmp_path, "X", "Llava", "r", {**bad, "cls_top10_share": 0.87, "cls_images": 48})
     assert "tokens:\n  **87.0%** (mean over 48 test images;" in shared.read_text()
-    reused = {"minutes": 23.6, "features_minutes": 1.7, "source": "run R"}
+    reused = {"tower": ("t.pt", 23.6), "features": ("f.pt", 1.7)}
     text = write_card(tmp_path, "X", "Llava", "r", {**bad, "train_minutes": 50.0, "stage1_reused": reused})
-    assert "(the vision tower, 23.6 min, and the features of the training pool, 1.7 min)" in text.read_text()
-    assert "cached output of run R, so training it from scratch takes about 75 min" in text.read_text()
+    expected = (
+        "This run loaded stage-1 outputs from caches: the vision tower (23.6 min to compute) from `t.pt` and the "
+        "layer -2 features of the training pool (1.7 min to compute) from `f.pt`; so training it from scratch "
+        "takes about 75 min."
+    )
+    assert expected in text.read_text()
+    reused = {"tower": ("t.pt", None)}
+    text = write_card(tmp_path, "X", "Llava", "r", {**bad, "train_minutes": 50.0, "stage1_reused": reused})
+    assert (
+        "(time to compute not recorded)" in text.read_text() and "from scratch takes" not in text.read_text()
+    )
 
 
 def test_grouping_loss_is_minus_log_attention_mass_on_own_object():

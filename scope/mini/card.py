@@ -56,15 +56,28 @@ def target_status(results: dict) -> str:
 
 
 def _reused(results: dict) -> str:
-    """A line saying which stage came from a cache, when the run that wrote the card loaded one."""
+    """A line saying which stage-1 outputs the run loaded from a cache, and the from-scratch time this implies.
+
+    ``results["stage1_reused"]`` maps ``"tower"`` / ``"features"`` to ``(path, minutes)`` (minutes ``None``
+    when the cache was saved without them).
+    """
     r = results.get("stage1_reused")
     if not r:
         return ""
-    return (
-        f"\n  Stage 1 (the vision tower, {r['minutes']:.1f} min, and the features of the training pool, "
-        f"{r['features_minutes']:.1f} min) was loaded from the cached output of {r['source']}, so training it from scratch "
-        f"takes about {r['minutes'] + r['features_minutes'] + results.get('train_minutes', 0.0):.0f} min."
+    what = {"tower": "the vision tower", "features": "the layer -2 features of the training pool"}
+    parts, extra, unknown = [], 0.0, False
+    for key, (path, minutes) in r.items():
+        took = "time to compute not recorded" if minutes is None else f"{minutes:.1f} min to compute"
+        parts.append(f"{what[key]} ({took}) from `{path}`")
+        extra += minutes or 0.0
+        unknown |= minutes is None
+    total = extra + results.get("train_minutes", 0.0)
+    tail = (
+        "so the time above leaves out stage-1 work of unrecorded length"
+        if unknown
+        else f"so training it from scratch takes about {total:.0f} min"
     )
+    return "\n  This run loaded stage-1 outputs from caches: " + " and ".join(parts) + f"; {tail}."
 
 
 def _cls_share(results: dict) -> str:

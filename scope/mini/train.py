@@ -1252,6 +1252,17 @@ def _extras(args) -> dict:
     return {"targets": tuple(TARGET_HEADS), "readouts": (*READOUTS, *WHERE_READOUTS)}
 
 
+def _save_cache_minutes(path: Path, minutes: float) -> None:
+    """Record next to a stage-1 cache (tower checkpoint, pool features) how long it took to compute."""
+    Path(f"{path}.json").write_text(json.dumps({"minutes": minutes}) + "\n")
+
+
+def _cache_minutes(path: Path) -> float | None:
+    """The minutes ``_save_cache_minutes`` recorded for a cache, ``None`` if it was saved without them."""
+    side = Path(f"{path}.json")
+    return json.loads(side.read_text())["minutes"] if side.exists() else None
+
+
 def train_minillava(out_dir: Path, args) -> tuple:
     """Stage 1 + stage 2, evaluate on the test split, save model + processor + card to ``out_dir``."""
     torch.manual_seed(args.seed)
@@ -1262,9 +1273,11 @@ def train_minillava(out_dir: Path, args) -> tuple:
     config = build_config(tok, args.vision_layers, args.vision_width, args.lm_layers, args.lm_width)
     model = build_model(config, args.seed)
     seq = Seq(tok)
+    reused = {}  # stage-1 outputs loaded from --tower-ckpt / --feature-cache, for the card's training time
     if args.tower_ckpt is not None and args.tower_ckpt.exists():
         model.model.vision_tower.load_state_dict(torch.load(args.tower_ckpt))
         print(f"loaded tower from {args.tower_ckpt}")
+        reused["tower"] = (str(args.tower_ckpt), _cache_minutes(args.tower_ckpt))
     else:
         train_tower(
             model,
@@ -1283,16 +1296,20 @@ def train_minillava(out_dir: Path, args) -> tuple:
         )
         if args.tower_ckpt is not None:
             torch.save(model.model.vision_tower.state_dict(), args.tower_ckpt)
+            _save_cache_minutes(args.tower_ckpt, log.minutes())
     if args.tower_only:
         return model, tok, log
     pool = np.random.default_rng(args.seed + 1).integers(0, VAL_SEED_BASE, size=args.pool)
     cache = args.feature_cache
     if cache is not None and cache.exists():
         feats, masks = torch.load(cache)
+        reused["features"] = (str(cache), _cache_minutes(cache))
     else:
+        t0 = time.time()
         feats, masks = extract_features(model, pool, desc="features (train pool)", with_masks=True)
         if cache is not None:
             torch.save((feats, masks), cache)
+            _save_cache_minutes(cache, (time.time() - t0) / 60)
     vitems = val_items()
     vfeats = extract_features(model, np.array([it["seed"] for it in vitems]), desc="features (val)")
     train_lm(
@@ -1334,6 +1351,8 @@ def train_minillava(out_dir: Path, args) -> tuple:
         "cls_images": len(sal),
         **_run_info(model, tok, log, args),
     }
+    if reused:
+        results["stage1_reused"] = reused
     results["status"] = target_status(results)
     log(
         "test",
