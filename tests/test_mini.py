@@ -304,7 +304,7 @@ def test_target_status_names_every_missed_target(tmp_path):
     assert "CLS attention" not in text  # not measured in this run: no line, rather than "nan%"
     shared = write_card(tmp_path, "X", "Llava", "r", {**bad, "cls_top10_share": 0.87, "cls_images": 48})
     assert "tokens:\n  **87.0%** (mean over 48 test images;" in shared.read_text()
-    reused = {"tower": ("t.pt", 23.6), "features": ("f.pt", 1.7)}
+    reused = {"tower": ("`t.pt`", 23.6), "features": ("`f.pt`", 1.7)}
     text = write_card(tmp_path, "X", "Llava", "r", {**bad, "train_minutes": 50.0, "stage1_reused": reused})
     expected = (
         "This run loaded stage-1 outputs from caches: the vision tower (23.6 min to compute) from `t.pt` and the "
@@ -312,7 +312,7 @@ def test_target_status_names_every_missed_target(tmp_path):
         "takes about 75 min."
     )
     assert expected in text.read_text()
-    reused = {"tower": ("t.pt", None)}
+    reused = {"tower": ("`t.pt`", None)}
     text = write_card(tmp_path, "X", "Llava", "r", {**bad, "train_minutes": 50.0, "stage1_reused": reused})
     assert (
         "(time to compute not recorded)" in text.read_text() and "from scratch takes" not in text.read_text()
@@ -564,8 +564,8 @@ def test_object_position_agrees_with_the_spatial_answers():
 def test_where_flag_adds_the_position_heads_and_says_so_in_the_recipe():
     from scope.mini import train
 
-    plain, where = train.parser().parse_args([]), train.parser().parse_args(["--where"])
-    assert train._extras(plain) == {} and "--where" not in train.mini_recipe(plain)
+    plain, where = train.parser().parse_args(["--no-where"]), train.parser().parse_args(["--where"])
+    assert train._extras(plain) == {} and "With `--where`" not in train.mini_recipe(plain)
     extra = train._extras(where)
     assert set(extra["targets"]) == set(train.TARGET_HEADS) and {"where_a", "where_b"} <= set(
         extra["targets"]
@@ -576,17 +576,25 @@ def test_where_flag_adds_the_position_heads_and_says_so_in_the_recipe():
     assert "With `--where`" in train.mini_recipe(where)
 
 
-def test_make_model_defaults_train_the_tower_on_ink_from_principal_components():
+def test_make_model_defaults_ink_loss_principal_components_and_position_heads():
     from scope.mini import train
 
     args = train.parser().parse_args([])
-    assert args.tower_ink == 1.0 and args.tower_pca is True
+    assert args.tower_ink == 1.0 and args.tower_pca is True and args.where is True
     recipe = train.mini_recipe(args)
-    assert "ink covers (weight 1.0)" in recipe and "principal components" in recipe
-    off = train.parser().parse_args(["--tower-ink", "0", "--no-tower-pca"])
-    assert off.tower_ink == 0 and off.tower_pca is False
+    assert (
+        "ink covers (weight 1.0)" in recipe
+        and "principal components" in recipe
+        and "With `--where`" in recipe
+    )
+    assert set(train._extras(args)["targets"]) >= set(train.OPTIONAL_TARGETS)
+    off = train.parser().parse_args(["--tower-ink", "0", "--no-tower-pca", "--no-where"])
+    assert off.tower_ink == 0 and off.tower_pca is False and off.where is False and train._extras(off) == {}
     assert "ink covers" not in train.mini_recipe(off) and "principal components" not in train.mini_recipe(off)
-    assert "--all --tower-ink 0.0 --no-tower-pca`" in train.mini_recipe(off)  # the card's rebuild command
+    assert "--where" not in train.mini_recipe(off).split("Seed")[0]
+    assert "--all --no-where --tower-ink 0.0 --no-tower-pca`" in train.mini_recipe(
+        off
+    )  # the card's rebuild command
     assert "--all`" in recipe
 
 

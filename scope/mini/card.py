@@ -58,8 +58,8 @@ def target_status(results: dict) -> str:
 def _reused(results: dict) -> str:
     """A line saying which stage-1 outputs the run loaded from a cache, and the from-scratch time this implies.
 
-    ``results["stage1_reused"]`` maps ``"tower"`` / ``"features"`` to ``(path, minutes)`` (minutes ``None``
-    when the cache was saved without them).
+    ``results["stage1_reused"]`` maps ``"tower"`` / ``"features"`` to ``(source, minutes)``: Markdown naming
+    the cache, and the minutes it took to compute (``None`` when the cache was saved without them).
     """
     r = results.get("stage1_reused")
     if not r:
@@ -68,7 +68,7 @@ def _reused(results: dict) -> str:
     parts, extra, unknown = [], 0.0, False
     for key, (path, minutes) in r.items():
         took = "time to compute not recorded" if minutes is None else f"{minutes:.1f} min to compute"
-        parts.append(f"{what[key]} ({took}) from `{path}`")
+        parts.append(f"{what[key]} ({took}) from {path}")
         extra += minutes or 0.0
         unknown |= minutes is None
     total = extra + results.get("train_minutes", 0.0)
