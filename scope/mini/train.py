@@ -1167,7 +1167,7 @@ def _run_info(model, tok, log, args) -> dict:
 
 def mini_recipe(args) -> str:
     """The MiniLLaVA recipe as the model card states it, from the training arguments."""
-    where = getattr(args, "where", False)
+    where = args.where
     return (
         f"1. Vision tower: first {args.tower_warmup} warm-up steps on full images (batch "
         f"{max(4, args.tower_batch // 2)}) with only the per-patch shape and digit losses, then "
@@ -1233,18 +1233,20 @@ def _nondefault_flags(args) -> str:
     """The command-line flags that set ``args`` apart from the ``make model`` defaults (for the card)."""
     default = parser().get_default
     flags = ""
-    if args.where != default("where"):
-        flags += " --no-where" if not args.where else " --where"
-    if args.tower_ink != default("tower_ink"):
-        flags += f" --tower-ink {args.tower_ink}"
-    if args.tower_pca != default("tower_pca"):
-        flags += " --no-tower-pca" if not args.tower_pca else " --tower-pca"
+    for dest in ("where", "tower_ink", "tower_pca"):
+        value, flag = getattr(args, dest), dest.replace("_", "-")
+        if value == default(dest):
+            continue
+        if isinstance(value, bool):
+            flags += f" --{flag}" if value else f" --no-{flag}"
+        else:
+            flags += f" --{flag} {value}"
     return flags
 
 
 def _extras(args) -> dict:
     """``train_lm``'s targets and read-outs: the core ones, plus the position ones with ``--where`` (the default)."""
-    if not getattr(args, "where", False):
+    if not args.where:
         return {}
     return {"targets": tuple(TARGET_HEADS), "readouts": (*READOUTS, *WHERE_READOUTS)}
 
