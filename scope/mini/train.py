@@ -23,16 +23,20 @@ Recipe (two stages, as LLaVA, then the anyres stage; see data/minillava/README.m
 3. MiniLLaVA-NeXT: MiniLLaVA's weights in a ``LlavaNextForConditionalGeneration``, trained further on the
    packed anyres tokens of 384 px scenes with the same attention targets.
 
-Status (issue 4, 2026-11-23): close to target, not there. The shipped MiniLLaVA (this recipe, with
-``--where``) answers 89.0% of the test split (each family's most frequent answer: 32.5%): existence 83.8%,
-counting 86.3%, attribute 97.5%, spatial 72.5%, reading 98.8%, multiple choice 95.0%; random pruning to 64
-tokens: 51.2% (a drop of 37.8 points); CLS top-10% share 0.82. Validation accuracy at steps 500 / 1000 / 1500
-/ 2000 / 2600: 0.51 / 0.66 / 0.82 / 0.87 / 0.91. Overall misses 90% by one point, and spatial misses 80%.
-MiniLLaVA-NeXT (120 anyres steps from it, 14.0 min) answers 77.1% (previous checkpoint: 67.3%): existence
-75.0%, counting 68.8%, attribute 91.2%, spatial 56.2%, reading 91.2%, choice 80.0%. It does not beat MiniLLaVA
-on the fine-detail families: the digits sit on large shapes and are legible at 192 px (MiniLLaVA reads 98.8%),
-so SynthBench has no detail that only the higher resolution shows, and 120 steps do not adapt the LM to the
-2928 packed tokens (counting falls, as before).
+Status (issue 4, 2026-11-23): below target. The shipped checkpoints come from one uninterrupted ``make model``
+(these defaults), 88.4 min on a 2-core host (stage 1 17.8 min, MiniLLaVA in all 76.1, MiniLLaVA-NeXT 12.2).
+MiniLLaVA answers 83.5% of the test split (each family's most frequent answer: 32.5%): existence 83.8%,
+counting 72.5%, attribute 95.0%, spatial 68.8%, reading 91.2%, multiple choice 90.0%; random pruning to 64
+tokens: 57.9% (a drop of 25.6 points); CLS top-10% share 0.87. Validation accuracy at steps 500 / 1000 / 1500 /
+2000 / 2400: 0.47 / 0.71 / 0.75 / 0.85 / 0.85. Stage 1 ends with probes digit 0.962, shape 0.970, colour 1.00,
+size 0.99, centre 0.39, row / column 0.58 / 0.53. MiniLLaVA-NeXT (100 anyres steps from it) answers 75.6%:
+existence 68.8%, counting 61.3%, attribute 88.7%, spatial 61.3%, reading 92.5%, choice 81.2%. It reads one test
+question more than MiniLLaVA and counts worse, so it does not show what higher resolution buys: the digits sit
+on large shapes and are legible at 192 px, and 100 steps do not adapt the LM to the 2928 packed tokens.
+The budget cost accuracy. The same recipe with stage 1 at 500 + 3000 steps and stage 2 at 2600 (120 NeXT
+steps; about 125 min with the slower attention-target code then) answered 89.0%: existence 83.8%, counting
+86.3%, attribute 97.5%, spatial 72.5%, reading 98.8%, choice 95.0%; its stage 1 ended at digit 0.989, shape
+0.997, row / column 0.67 / 0.71. Counting and reading lost most, which points at the shorter stage 1.
 
 How it got here (each finding is a run of ``make model``'s code with one thing changed; details in the
 session notes of issue 4):
@@ -42,9 +46,10 @@ session notes of issue 4):
   of a glyph object's mean layer -2 feature named its digit for 39% of held-out objects (977 objects of 640
   validation scenes, 70/30 split; chance 17%), exactly MiniLLaVA's reading accuracy then. The digit covers ~1%
   of a scene's patches, so its signal was drowned in the per-patch means, and a random patch embedding learnt
-  its few-pixel strokes slowly. With the ink loss and the principal-component start, stage 1 ends with probes
-  digit 0.989 (before: 0.652), shape 0.997 (0.974), colour 1.00, size 1.00, centre 0.61 (0.60), row / column
-  0.67 / 0.71 (0.79 / 0.79), object-mean digit 0.973 (0.388); two stage-1 runs gave bit-identical towers.
+  its few-pixel strokes slowly. With the ink loss and the principal-component start, stage 1 (500 + 3000
+  steps) ended with probes digit 0.989 (before: 0.652), shape 0.997 (0.974), colour 1.00, size 1.00, centre
+  0.61 (0.60), row / column 0.67 / 0.71 (0.79 / 0.79), object-mean digit 0.973 (0.388); two stage-1 runs gave
+  bit-identical towers.
 - Spatial needs ``--where``. Without it no LM head output at the answer position holds either object's
   position (ridge R^2 <= 0.01 on the old checkpoint; below 0 at every layer on the new tower's), although the
   LM's input tokens do (0.43-0.61 on the new tower, 0.66-0.78 on the old). The same stage 2 without
