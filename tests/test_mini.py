@@ -133,6 +133,7 @@ def test_a_few_training_steps_reduce_the_loss():
         ground=1.0,
         targets=tuple(train.TARGET_HEADS),  # the opt-in position heads (--where) too
         readouts=(*train.READOUTS, *train.OPTIONAL_READOUTS),
+        gap=500,  # half the conversations' text moved up to 500 positions away from the image
     )
     lm_losses = [r[3]["loss"] for r in log_rows if r[0] == "lm"]
     assert np.mean(lm_losses[-5:]) < np.mean(lm_losses[:5])
@@ -408,7 +409,8 @@ def test_turn_targets_name_each_object_apart_and_point_choices_at_the_right_opti
     assert spatial["where_a"] == spatial["object_a"] and spatial["where_b"] == spatial["object_b"]
 
 
-def test_grounding_loss_is_minus_log_attention_mass_of_the_chosen_head():
+@pytest.mark.parametrize("gapped", [False, True])
+def test_grounding_loss_is_minus_log_attention_mass_of_the_chosen_head(gapped):
     from scope.mini import train
     from scope.mini.model import build_config, build_model, build_tokenizer, build_vocab
 
@@ -416,9 +418,11 @@ def test_grounding_loss_is_minus_log_attention_mass_of_the_chosen_head():
     model = build_model(build_config(tok, vision_layers=2, vision_width=32, lm_layers=2, lm_width=64))
     model.config.text_config._attn_implementation = "eager"
     ids = torch.randint(5, len(tok), (2, 12))
+    # per-row position ids (text moved away from the image in row 1 only) must be what the loss rotates by
+    pos = torch.tensor([[*range(12)], [*range(5), *range(505, 512)]]) if gapped else None
     cap = train.AttentionInputs(model, [0, 1])
     with torch.no_grad():
-        out = model.model.language_model(input_ids=ids, output_attentions=True)
+        out = model.model.language_model(input_ids=ids, position_ids=pos, output_attentions=True)
     cap.remove()
     qb, qp = torch.tensor([0, 1, 1]), torch.tensor([7, 11, 4])
     target = torch.zeros(3, 12, dtype=torch.bool)
@@ -596,6 +600,10 @@ def test_make_model_defaults_ink_loss_principal_components_and_position_heads():
         off
     )  # the card's rebuild command
     assert "--all`" in recipe
+    assert args.text_gap == 0 and "further on" not in recipe  # the shipped recipe trains without gaps
+    gapped = train.parser().parse_args(["--text-gap", "2400"])
+    assert "random 0-2400 positions further on" in train.mini_recipe(gapped)
+    assert "--all --text-gap 2400`" in train.mini_recipe(gapped)
 
 
 def test_training_is_deterministic_for_a_seed():
@@ -625,3 +633,20 @@ def test_training_is_deterministic_for_a_seed():
     a, b, other = run(0), run(0), run(1)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert sum(not torch.equal(a[k], other[k]) for k in a) > len(a) // 2
+
+
+def test_text_gaps_move_only_the_text_after_the_image_of_the_chosen_share():
+    from scope.mini import train
+
+    lengths, ends = [10, 7, 12, 9] * 50, [5, 3, 6, 4] * 50
+    pos = train.text_gaps(lengths, ends, 100, 0.5, np.random.default_rng(0))
+    assert pos.shape == (200, 12)
+    gaps = pos[:, -1] - 11
+    for b, end in enumerate(ends):
+        assert pos[b, :end].tolist() == list(range(end))  # the prompt and the image keep 0..end-1
+        assert (pos[b, end:] - torch.arange(end, 12) == gaps[b]).all()  # the text moves by one gap
+    assert 0 <= gaps.min() and gaps.max() <= 100
+    assert 0.35 < (gaps > 0).float().mean() < 0.65  # about half the rows, each by 0..100
+    assert gaps.max() > 50
+    none = train.text_gaps(lengths, ends, 100, 0.0, np.random.default_rng(0))
+    assert (none == torch.arange(12)).all()
