@@ -1570,7 +1570,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tower-only", action="store_true")
     p.add_argument("--feature-cache", type=Path, default=None, help="reuse/save stage-2 pool features here")
     p.add_argument("--pool", type=int, default=6000)
-    p.add_argument("--lm-steps", type=int, default=2000)
+    p.add_argument("--lm-steps", type=int, default=1700)
     p.add_argument("--lm-batch", type=int, default=16)
     p.add_argument("--turns", type=int, default=20)
     p.add_argument("--lm-lr", type=float, default=3e-3)
