@@ -36,7 +36,17 @@ on large shapes and are legible at 192 px, and 100 steps do not adapt the LM to 
 The budget cost accuracy. The same recipe with stage 1 at 500 + 3000 steps and stage 2 at 2600 (120 NeXT
 steps; about 125 min with the slower attention-target code then) answered 89.0%: existence 83.8%, counting
 86.3%, attribute 97.5%, spatial 72.5%, reading 98.8%, choice 95.0%; its stage 1 ended at digit 0.989, shape
-0.997, row / column 0.67 / 0.71. Counting and reading lost most, which points at the shorter stage 1.
+0.997, row / column 0.67 / 0.71. Counting and reading lost most; the shorter stage 1 is one suspect, and
+stage 2's schedule is another (below).
+Two other splits on the 3000-step tower, stage 2 run by the current code (2026-11-23): 2000 stage-2 steps
+answered 91.7% (existence 97.5%, counting 77.5%, attribute 97.5%, spatial 85.0%, reading 97.5%, choice 95.0%;
+validation 0.82 at step 1000) but does not fit: stage 1 alone took 28.3 min in one run and was heading for
+about 33 in another on this host, and stage 2 with its evaluations 45.6 min, so ``make model`` would take
+about 88-93 min. 1700 stage-2 steps (a ``make model`` run stopped after MiniLLaVA: stage 1 28.3 min, MiniLLaVA
+64.9 min in all) answered only 80.0% (existence 75.0%, counting 62.5%, attribute 87.5%, spatial 71.3%, reading
+97.5%, choice 86.3%; validation 0.73 at step 1000). Its cosine schedule is shorter, so its learning rate is
+lower at every step (0.36 instead of 0.5 of the peak at step 1000): with the same tower, stage 2 lost 11.7
+points, so the steps at a high learning rate matter at least as much as the tower.
 
 How it got here (each finding is a run of ``make model``'s code with one thing changed; details in the
 session notes of issue 4):
