@@ -650,3 +650,20 @@ def test_text_gaps_move_only_the_text_after_the_image_of_the_chosen_share():
     assert gaps.max() > 50
     none = train.text_gaps(lengths, ends, 100, 0.0, np.random.default_rng(0))
     assert (none == torch.arange(12)).all()
+
+
+def test_lr_factor_cosine_and_warmup_stable_decay():
+    from scope.mini import train
+
+    cos = [train.lr_factor(s, 100) for s in range(100)]
+    assert cos[0] == 1.0 and abs(cos[50] - 0.5) < 1e-9 and all(a > b for a, b in zip(cos, cos[1:]))
+    wsd = [train.lr_factor(s, 100, "wsd") for s in range(100)]
+    assert wsd[:80] == [1.0] * 80  # the peak held for the first 80%
+    assert all(a > b for a, b in zip(wsd[80:], wsd[81:])) and wsd[90] == 0.5 and 0 < wsd[99] < 0.1
+    assert sum(wsd) > sum(cos)  # more steps at a high learning rate
+    with pytest.raises(ValueError, match="schedule='linear'"):
+        train.lr_factor(0, 100, "linear")
+    args = train.parser().parse_args(["--lm-schedule", "wsd"])
+    assert "linear decay over the last 20%" in train.mini_recipe(args)
+    assert "--all --lm-schedule wsd`" in train.mini_recipe(args)
+    assert "warm-up + cosine" in train.mini_recipe(train.parser().parse_args([]))

@@ -922,6 +922,17 @@ def turn_targets(
     return out
 
 
+def lr_factor(step: int, steps: int, schedule: str = "cosine", decay: float = 0.2) -> float:
+    """Share of the peak learning rate at ``step`` of ``steps``: ``"cosine"`` decays from the first step;
+    ``"wsd"`` (warm-up, stable, decay) holds the peak and decays linearly to 0 over the last ``decay`` share."""
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * step / steps))
+    if schedule == "wsd":
+        start = (1 - decay) * steps
+        return 1.0 if step < start else max(0.0, (steps - step) / (steps - start))
+    raise ValueError(f"schedule={schedule!r}: expected 'cosine' or 'wsd'")
+
+
 def train_lm(
     model,
     seq: Seq,
@@ -944,6 +955,7 @@ def train_lm(
     readouts: tuple[str, ...] = READOUTS,
     gap: int = 0,
     gap_share: float = 0.5,
+    schedule: str = "cosine",
 ) -> None:
     """Stage 2: projector + LM on multi-turn conversations over cached tower features (tower frozen).
 
@@ -961,7 +973,8 @@ def train_lm(
     ``readouts`` (of ``READOUTS``; each needs the targets whose heads it reads) add read-out losses along the
     paths those heads open: each option's letter, the spatial relation and the digit to the answer, and each
     object's position into the "where" heads' values. ``gap`` > 0 moves the text of a ``gap_share`` of the
-    conversations up to ``gap`` positions away from their image (``text_gaps``).
+    conversations up to ``gap`` positions away from their image (``text_gaps``). ``schedule``: the learning
+    rate after the warm-up (``lr_factor``).
     """
     n_layers = len(model.model.language_model.layers)
     heads = {
@@ -993,7 +1006,7 @@ def train_lm(
     bar = tqdm(range(steps), desc="stage 2: projector + LM")
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            g["lr"] = lr * min(1.0, (step + 1) / warmup) * lr_factor(step, steps, schedule)
         idx = rng.integers(0, len(seeds), size=batch)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             img = embed_images(model, feats[torch.from_numpy(idx)].float())
@@ -1257,7 +1270,8 @@ def mini_recipe(args) -> str:
         )
         + "`training_log.csv` has the linear-probe accuracy of each head.\n"
         f"2. Projector + language model, tower frozen: layer -2 features of {args.pool} training scenes extracted "
-        f"once (bf16); {args.lm_steps} AdamW steps (lr {args.lm_lr}, warm-up + cosine), batch {args.lm_batch} "
+        f"once (bf16); {args.lm_steps} AdamW steps (lr {args.lm_lr}, warm-up + "
+        f"{'cosine' if args.lm_schedule == 'cosine' else 'constant, linear decay over the last 20%'}), batch {args.lm_batch} "
         f"conversations of {args.turns} question/answer turns about one image in the LLaVA-1.5 format "
         "(`USER: <image>\\n{q} ASSISTANT: {a}</s>`; families drawn uniformly), loss on the answer tokens and "
         f"their `</s>` only, plus an attention loss (weight {args.ground}, `TARGET_HEADS`): from each answer "
@@ -1294,7 +1308,7 @@ def _nondefault_flags(args) -> str:
     """The command-line flags that set ``args`` apart from the ``make model`` defaults (for the card)."""
     default = parser().get_default
     flags = ""
-    for dest in ("where", "tower_ink", "tower_pca", "text_gap", "text_gap_share"):
+    for dest in ("where", "tower_ink", "tower_pca", "text_gap", "text_gap_share", "lm_schedule"):
         value, flag = getattr(args, dest), dest.replace("_", "-")
         if value == default(dest):
             continue
@@ -1392,6 +1406,7 @@ def train_minillava(out_dir: Path, args) -> tuple:
         ground=args.ground,
         gap=args.text_gap,
         gap_share=args.text_gap_share,
+        schedule=args.lm_schedule,
     )
     del feats
     titems = heldout_items()
@@ -1584,6 +1599,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-batch", type=int, default=16)
     p.add_argument("--turns", type=int, default=20)
     p.add_argument("--lm-lr", type=float, default=3e-3)
+    p.add_argument(
+        "--lm-schedule",
+        choices=["cosine", "wsd"],
+        default="cosine",
+        help="stage-2 learning rate after the warm-up: cosine, or wsd (hold the peak, decay over the last 20%%)",
+    )
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--ground", type=float, default=1.0, help="weight of the stage-2 grounding loss")
     p.add_argument("--curriculum", type=int, default=800, help="stage-2 steps to grow background tokens")
