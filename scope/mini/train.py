@@ -996,9 +996,8 @@ def train_lm(
     opt = torch.optim.AdamW(lm_params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    gap_rng = np.random.default_rng(
-        [seed, 11]
-    )  # its own stream: gap=0 leaves the default recipe's draws alone
+    # the gaps have their own stream, so gap=0 leaves the default recipe's draws alone
+    gap_rng = np.random.default_rng([seed, 11])
     scenes = {}
     t0 = time.time()
     model.train()
@@ -1235,6 +1234,7 @@ def _run_info(model, tok, log, args) -> dict:
 def mini_recipe(args) -> str:
     """The MiniLLaVA recipe as the model card states it, from the training arguments."""
     where = args.where
+    schedule = "cosine" if args.lm_schedule == "cosine" else "constant, linear decay over the last 20%"
     return (
         f"1. Vision tower: first {args.tower_warmup} warm-up steps on full images (batch "
         f"{max(4, args.tower_batch // 2)}) with only the per-patch shape and digit losses, then "
@@ -1270,8 +1270,7 @@ def mini_recipe(args) -> str:
         )
         + "`training_log.csv` has the linear-probe accuracy of each head.\n"
         f"2. Projector + language model, tower frozen: layer -2 features of {args.pool} training scenes extracted "
-        f"once (bf16); {args.lm_steps} AdamW steps (lr {args.lm_lr}, warm-up + "
-        f"{'cosine' if args.lm_schedule == 'cosine' else 'constant, linear decay over the last 20%'}), batch {args.lm_batch} "
+        f"once (bf16); {args.lm_steps} AdamW steps (lr {args.lm_lr}, warm-up + {schedule}), batch {args.lm_batch} "
         f"conversations of {args.turns} question/answer turns about one image in the LLaVA-1.5 format "
         "(`USER: <image>\\n{q} ASSISTANT: {a}</s>`; families drawn uniformly), loss on the answer tokens and "
         f"their `</s>` only, plus an attention loss (weight {args.ground}, `TARGET_HEADS`): from each answer "
