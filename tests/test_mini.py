@@ -667,3 +667,13 @@ def test_lr_factor_cosine_and_warmup_stable_decay():
     assert "linear decay over the last 20%" in train.mini_recipe(args)
     assert "--all --lm-schedule wsd`" in train.mini_recipe(args)
     assert "warm-up + cosine" in train.mini_recipe(train.parser().parse_args([]))
+
+
+def test_make_model_defaults_are_the_recipe_of_the_shipped_checkpoint():
+    """The card of data/minillava states the recipe it was trained with; `make model` must rebuild that."""
+    from scope.mini import train
+    from scope.paths import MINILLAVA_DIR
+
+    card = (MINILLAVA_DIR / "README.md").read_text()
+    assert train.mini_recipe(train.parser().parse_args([])) in card
+    assert train.mini_recipe(train.parser().parse_args(["--lm-steps", "1700"])) not in card
