@@ -1568,7 +1568,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-width", type=int, default=128)
     p.add_argument("--lm-layers", type=int, default=4)
     p.add_argument("--lm-width", type=int, default=128)
-    p.add_argument("--tower-steps", type=int, default=1800)
+    p.add_argument("--tower-steps", type=int, default=3000)
     p.add_argument("--tower-batch", type=int, default=32)
     p.add_argument("--tower-lr", type=float, default=1e-3)
     p.add_argument(
@@ -1577,7 +1577,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tower-zoom", type=float, default=0.3, help="share of full-resolution crops in stage 1")
     p.add_argument("--tower-group", type=float, default=1.0, help="weight of the stage-1 grouping loss")
     p.add_argument(
-        "--tower-warmup", type=int, default=400, help="stage-1 warm-up steps on the shape and digit heads"
+        "--tower-warmup", type=int, default=500, help="stage-1 warm-up steps on the shape and digit heads"
     )
     p.add_argument(
         "--tower-no-local", action="store_true", help="start stage 1 from sin-cos positions, no local heads"
@@ -1598,14 +1598,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tower-only", action="store_true")
     p.add_argument("--feature-cache", type=Path, default=None, help="reuse/save stage-2 pool features here")
     p.add_argument("--pool", type=int, default=6000)
-    p.add_argument("--lm-steps", type=int, default=2400)
+    p.add_argument("--lm-steps", type=int, default=1700)
     p.add_argument("--lm-batch", type=int, default=16)
     p.add_argument("--turns", type=int, default=20)
     p.add_argument("--lm-lr", type=float, default=3e-3)
     p.add_argument(
         "--lm-schedule",
         choices=["cosine", "wsd"],
-        default="cosine",
+        default="wsd",
         help="stage-2 learning rate after the warm-up: cosine, or wsd (hold the peak, decay over the last 20%%)",
     )
     p.add_argument("--eval-every", type=int, default=500)
