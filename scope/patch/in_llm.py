@@ -191,6 +191,13 @@ def last_token_attention(layer, hidden: torch.Tensor, cos_sin, valid: torch.Tens
     return scores.softmax(-1).mean(1)  # [B, L]
 
 
+def _cache_of(kwargs: dict):
+    """The KV cache passed to a model or decoder layer: ``cache`` since transformers 5.24, before that
+    ``past_key_values`` (both are read, so the patch works on either side of the rename)."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
 def _pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Source index ``[B, Lnew]`` of each slot after dropping rows (left padded) and its validity."""
     lengths = keep.sum(1)
@@ -225,7 +232,7 @@ def install(model, state: PatchState) -> None:
 
     def on_model_call(module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = _cache_of(kwargs)
         empty = cache is None or cache.get_seq_length() == 0
         mask = None if input_ids is None else input_ids == image_token_id
         prefill = bool(empty and mask is not None and bool(mask.any()))
@@ -306,7 +313,7 @@ def install(model, state: PatchState) -> None:
         @functools.wraps(orig_forward)
         def forward(hidden_states, *args, **kwargs):
             run = getattr(state, "run", None)
-            cache = kwargs.get("past_key_values")
+            cache = _cache_of(kwargs)
             if run is not None and run.prefill:
                 if i == 0:
                     start(run, hidden_states, kwargs)
