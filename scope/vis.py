@@ -411,6 +411,36 @@ def plot_budget_curves(
     return ax
 
 
+def plot_family_bars(
+    data: pd.DataFrame, hue: str = "label", ax: plt.Axes | None = None, title: str | None = None
+) -> plt.Axes:
+    """Accuracy per benchmark column as grouped bars, one bar per ``hue`` value (e.g. model or method).
+
+    ``data`` has columns ``column``, ``value`` and ``hue`` (``results_long`` rows plus a label); optional
+    ``lo``/``hi`` columns draw error bars (e.g. a bootstrap CI). Bars are in the row order of ``data``.
+    """
+    _check_columns(data, ["column", "value", hue])
+    ax = ax or plt.gca()
+    columns, groups = list(dict.fromkeys(data["column"])), list(dict.fromkeys(data[hue]))
+    width = 0.8 / len(groups)
+    palette = sns.color_palette("colorblind", len(groups))
+    for g, (name, color) in enumerate(zip(groups, palette)):
+        d = data[data[hue] == name].set_index("column").reindex(columns)
+        x = np.arange(len(columns)) - 0.4 + width * (g + 0.5)
+        err = None
+        if {"lo", "hi"} <= set(d.columns) and d[["lo", "hi"]].notna().all().all():
+            err = np.stack([d["value"] - d["lo"], d["hi"] - d["value"]])
+        ax.bar(x, d["value"], width, yerr=err, color=color, label=str(name), capsize=2, error_kw={"lw": 1})
+    ax.set_xticks(np.arange(len(columns)))
+    ax.set_xticklabels(columns)
+    ax.set_ylabel("Accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
 # ---------------------------------------------------------------------------------------------- saving
 
 

@@ -14,10 +14,10 @@ from scope.paths import MINILLAVA_DIR, MINILLAVA_NEXT_DIR
 N_QUESTIONS = 24  # 4 per family: the balanced prefix of the held-out split
 
 
-def _answers(path, image_size: int, n: int = N_QUESTIONS) -> tuple[list[str], list]:
+def _answers(path, image_size: int, n: int = N_QUESTIONS, split: str = "test") -> tuple[list[str], list]:
     processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    ds = load_synthbench(limit=n, image_size=image_size)
+    ds = load_synthbench(split, limit=n, image_size=image_size)
     prompts = [
         processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
@@ -93,3 +93,12 @@ def test_embedded_checkpoints_load_in_float32_unless_asked(tmp_path):
     copy = tmp_path / "mini"
     shutil.copytree(MINILLAVA_DIR, copy)
     assert scope.load(copy)[0].dtype == torch.bfloat16
+
+
+def test_next_resolves_fine_detail_that_mini_cannot():
+    """What LLaVA-NeXT's grid crops buy: half-size digits and shapes (the detail split), through generate()."""
+    correct = {}
+    for path, image_size in CHECKPOINTS:
+        preds, ds = _answers(path, image_size, n=12, split="detail")
+        correct[path.name] = sum(score(p, a, f) for p, a, f in zip(preds, ds["answer"], ds["family"]))
+    assert correct["minillava-next"] >= correct["minillava"] + 3, correct

@@ -117,6 +117,28 @@ def test_budget_curves_draw_reference_and_log_ticks():
     assert any(np.allclose(line.get_ydata(), 92.0) for line in ax.lines)
 
 
+def test_family_bars_group_by_hue_in_row_order():
+    df = pd.DataFrame(
+        {
+            "label": ["A"] * 2 + ["B"] * 2,
+            "column": ["Read", "Count"] * 2,
+            "value": [30.0, 40.0, 80.0, 60.0],
+            "lo": [20.0, 30.0, 70.0, 50.0],
+            "hi": [40.0, 50.0, 90.0, 70.0],
+        }
+    )
+    fig, ax = plt.subplots()
+    vis.plot_family_bars(df, ax=ax)
+    bars = ax.patches
+    assert [round(b.get_height()) for b in bars] == [30, 40, 80, 60]
+    assert bars[0].get_x() < bars[2].get_x() < bars[1].get_x()  # A then B within each column
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["Read", "Count"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["A", "B"]
+    with pytest.raises(ValueError, match="label"):
+        vis.plot_family_bars(df.drop(columns="label"))
+    plt.close(fig)
+
+
 def test_save_figure_and_table_write_all_formats_with_source(tmp_path):
     fig, ax = plt.subplots()
     ax.plot([0, 1], [0, 1])

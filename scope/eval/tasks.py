@@ -158,6 +158,9 @@ def _synth_aggregate(records: list[dict]) -> dict[str, float]:
         by_fam[r["family"]].append(r)
     for fam, rs in sorted(by_fam.items()):
         out[f"{fam}/accuracy"] = _mean_pct(rs)
+        if fam != "existence":  # e.g. reading/large, reading/small: text size (existence: POPE, below)
+            for sub in sorted({r["subset"] for r in rs if r["subset"]}):
+                out[f"{fam}/{sub}/accuracy"] = _mean_pct([r for r in rs if r["subset"] == sub])
     ex = by_fam.get("existence", [])
     if ex:
         for k, v in M.binary_metrics([r["label"] for r in ex], [r["answer"].lower() for r in ex]).items():

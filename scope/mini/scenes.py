@@ -1,7 +1,7 @@
 """Deterministic procedural scenes for SynthBench and MiniLLaVA.
 
 A scene is a few large, salient shapes and several small ones on a low-contrast textured background; some
-large shapes carry a digit glyph. Scenes are rendered at ``RENDER_SIZE`` (384 px) and downsampled for the
+large shapes carry a digit glyph (drawn at half size in "small text" scenes). Scenes are rendered at ``RENDER_SIZE`` (384 px) and downsampled for the
 model (192 px for MiniLLaVA), so fine detail (small shapes, glyphs) is partly lost at single-crop
 resolution -- which is what higher-resolution LLaVA-NeXT crops buy back.
 
@@ -29,6 +29,18 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
 DIGITS = ("2", "3", "4", "5", "7", "8")
+# Scenes whose seed is at least SMALL_TEXT_SEED_BASE draw their digits at SMALL_TEXT times the usual size:
+# ink 10-16 px tall at 384 px (the usual: 19-40), so 5-8 px -- a patch or less -- in MiniLLaVA's 192 px view,
+# and 10-16 px in LLaVA-NeXT's full-resolution grid crops, the size MiniLLaVA reads its usual digits at. Only
+# the test split's "small text" reading questions use such seeds; training and validation scenes (seeds
+# below 1e9) never hold small text.
+SMALL_TEXT_SEED_BASE = 2_000_000_000
+SMALL_TEXT = 0.5
+# Scenes whose seed is at least TINY_SEED_BASE draw their small shapes at TINY times the usual half-size
+# (radius 5-8 px at 384 px, so 3-4 px in a 192 px view; the usual small shapes show that size in LLaVA-NeXT's
+# full-resolution crops); the layout is the same as with the usual size. Used by the "detail" split only.
+TINY_SEED_BASE = 3_000_000_000
+TINY = 0.5
 # Skewed sampling weights: some colour/shape combinations are "popular" (frequent across the dataset),
 # which is what POPE's popular negatives exploit.
 COLOR_WEIGHTS = np.array([0.26, 0.2, 0.18, 0.14, 0.12, 0.1])
@@ -46,6 +58,7 @@ class Obj:
     r: float  # half-size
     large: bool
     glyph: str = ""  # digit drawn on the object, "" for none
+    text_size: float = 1.0  # digit size relative to the usual (SMALL_TEXT for small-text scenes)
 
     @property
     def name(self) -> str:
@@ -89,6 +102,12 @@ def make_scene(seed: int, n_large: tuple[int, int] = (2, 3), n_small: tuple[int,
     n_glyph = int(rng.integers(1, min(2, len(larges)) + 1))
     for o in list(rng.permutation(len(larges)))[:n_glyph]:
         larges[int(o)].glyph = str(rng.choice(DIGITS))
+        if SMALL_TEXT_SEED_BASE <= seed < TINY_SEED_BASE:  # no random draw: other scenes stay as they were
+            larges[int(o)].text_size = SMALL_TEXT
+    if seed >= TINY_SEED_BASE:  # shrunk after placement: no random draw, no new overlap
+        for o in scene.objects:
+            if not o.large:
+                o.r *= TINY
     base = rng.uniform(105, 165, size=3)
     scene.bg = (
         tuple(float(v) for v in base),
@@ -112,7 +131,7 @@ def _polygon(o: Obj) -> list[tuple[float, float]]:
 def _glyph_anchor(o: Obj) -> tuple[float, int]:
     """(y of the glyph's middle, font size in px) of the digit drawn on ``o`` (centred at x = ``o.x``)."""
     tri = o.shape == "triangle"  # a triangle's glyph sits lower and smaller, inside its wide base
-    return o.y + (o.r * 0.2 if tri else 0), int(o.r * (0.75 if tri else 0.95))
+    return o.y + (o.r * 0.2 if tri else 0), int(o.r * (0.75 if tri else 0.95) * o.text_size)
 
 
 def glyph_box(o: Obj) -> tuple[float, float, float, float]:

@@ -6,10 +6,14 @@
 | counting  | counting in MME | every instance, small ones too (coverage)         | 0-6                     |
 | attribute | GQA             | colour or shape of a named object                 | colour / shape word     |
 | spatial   | GQA relations   | positions of two objects                          | left/right, above/below |
-| reading   | TextVQA         | the digit drawn on an object (fine detail)        | digit                   |
+| reading   | TextVQA         | the digit drawn on an object (fine detail; 1 in 5 | digit                   |
+|           |                 | test questions: half-size "small text")           |                         |
 | choice    | MMBench / SQA   | any of the above as A-D multiple choice           | A / B / C / D           |
 
 The test split is fixed: scene seeds ``TEST_SEED_BASE + i``; training draws seeds from ``[0, TEST_SEED_BASE)``.
+One reading question in five (subset ``"small"``, the others ``"large"``) asks about a "small text" scene
+(seed ``SMALL_TEXT_SEED_BASE + i``): its digits are drawn at half size, 5-8 px tall in a 192 px view and
+10-16 px at full resolution, so that reading them is what LLaVA-NeXT's high-resolution crops buy.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from scope.mini.scenes import (
     DIGITS,
     SHAPE_WEIGHTS,
     SHAPES,
+    SMALL_TEXT_SEED_BASE,
+    TINY_SEED_BASE,
     Obj,
     Scene,
     make_scene,
@@ -33,6 +39,9 @@ from scope.mini.scenes import (
 
 FAMILIES = ("existence", "counting", "attribute", "spatial", "reading", "choice")
 POPE_SUBSETS = ("random", "popular", "adversarial")
+READING_SUBSETS = ("large", "small")  # text size of a test reading question (see SMALL_TEXT_SEED_BASE)
+SMALL_TEXT_EVERY = 5  # every 5th test reading question is about small text
+DETAIL_FAMILIES = ("reading", "attribute", "counting")  # the "detail" split: fine detail only
 TEST_SEED_BASE = 1_000_000_000
 CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
 LETTERS = ("A", "B", "C", "D")
@@ -189,7 +198,11 @@ def make_question(
 
 
 def heldout_items(n_per_family: int = 80) -> list[dict]:
-    """The fixed held-out list (without images): one scene per question, seeds from ``TEST_SEED_BASE``."""
+    """The fixed held-out list (without images): one scene per question, seeds from ``TEST_SEED_BASE``.
+
+    Existence questions cycle through the POPE subsets with balanced yes/no; every ``SMALL_TEXT_EVERY``-th
+    reading question (subset ``"small"``) is about a small-text scene, seed ``SMALL_TEXT_SEED_BASE + k``.
+    """
     items = []
     k = 0
     for family in FAMILIES:
@@ -200,9 +213,43 @@ def heldout_items(n_per_family: int = 80) -> list[dict]:
             scene = make_scene(seed)
             if family == "existence":  # balanced subsets and yes/no, as POPE
                 qa = make_question(scene, family, rng, POPE_SUBSETS[(i // 2) % 3], positive=i % 2 == 0)
+            elif family == "reading":
+                small = i % SMALL_TEXT_EVERY == SMALL_TEXT_EVERY - 1
+                if small:
+                    seed = SMALL_TEXT_SEED_BASE + k - 1
+                    rng, scene = np.random.default_rng([seed, 7]), make_scene(seed)
+                qa = make_question(scene, family, rng) | {"subset": READING_SUBSETS[small]}
             else:
                 qa = make_question(scene, family, rng)
             items.append({"question_id": f"synthbench-{family}-{i:04d}", "seed": seed, **qa})
+    return items
+
+
+def detail_items(n_per_family: int = 80) -> list[dict]:
+    """The fixed "detail" split: questions whose answer lies in fine detail only (without images).
+
+    ``reading`` asks for a digit drawn at half size (small-text scenes, subset ``"small"``); ``attribute``
+    and ``counting`` ask about small shapes drawn at half size (seeds from ``TINY_SEED_BASE``, subset
+    ``"tiny"``), keeping only questions whose every referenced object is one of those tiny shapes (and, for
+    counting, at least one). At 192 px these details span a patch or less; LLaVA-NeXT's full-resolution crops
+    show them at the size the usual digits and small shapes have at 192 px.
+    """
+    items = []
+    for family in DETAIL_FAMILIES:
+        base = SMALL_TEXT_SEED_BASE + 100_000 if family == "reading" else TINY_SEED_BASE
+        seed, i = base + 100_000 * DETAIL_FAMILIES.index(family), 0
+        while i < n_per_family:
+            scene, rng = make_scene(seed), np.random.default_rng([seed, 7])
+            qa = make_question(scene, family, rng)
+            objs = [scene.objects[r] for r in qa["refs"]]
+            if qa["family"] == family and objs and (family == "reading" or not any(o.large for o in objs)):
+                sub = "small" if family == "reading" else "tiny"
+                items.append(
+                    {"question_id": f"synthbench-detail-{family}-{i:04d}", "seed": seed, **qa}
+                    | {"subset": sub}
+                )
+                i += 1
+            seed += 1
     return items
 
 
@@ -210,18 +257,22 @@ def load_synthbench(split: str = "test", limit: int | None = None, seed: int = 0
     """SynthBench as a ``datasets.Dataset`` with columns question_id, image, question, answer, family, subset.
 
     ``split="test"`` is the fixed held-out set (480 questions, 80 per family; ``seed`` is ignored);
+    ``split="detail"`` the fixed fine-detail set (``detail_items``: 240 questions on half-size digits and
+    shapes, for what LLaVA-NeXT's resolution buys; ``seed`` is ignored);
     ``split="train"`` draws 480 questions from training scenes offset by ``seed``. ``limit`` keeps the first
     ``limit`` questions after an order-stable interleave of families, so small limits still cover all
     families. ``image_size`` is the side of the rendered image (384 keeps full resolution for LLaVA-NeXT).
     """
     import datasets
 
-    if split not in ("test", "train"):
-        raise ValueError(f"split={split!r} must be 'test' or 'train'")
+    if split not in ("test", "detail", "train"):
+        raise ValueError(f"split={split!r} must be 'test', 'detail' or 'train'")
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit!r} must be a positive int or None")
     if split == "test":
         items = heldout_items()
+    elif split == "detail":
+        items = detail_items()
     else:
         rng = np.random.default_rng(seed)
         items = []
