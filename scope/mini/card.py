@@ -14,6 +14,16 @@ DISCLAIMER = (
 )
 
 
+def _markdown_table(cols: list[tuple[str, dict]], keys: list[str]) -> str:
+    """Rows ``keys`` (a ``family/subset`` key is indented under its family) x columns ``(header, accuracies)``."""
+    rows = ["| family | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for key in keys:
+        cells = [f"{100 * col[key]:.1f}%" if key in col else "-" for _, col in cols]
+        label = key if "/" not in key else f"&nbsp;&nbsp;{key.split('/')[1]} text"
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def _table(results: dict) -> str:
     """Accuracy per family: all tokens, random 64 tokens (when measured), MiniLLaVA (for the NeXT card)."""
     cols = [("all tokens", results["full"])]
@@ -21,16 +31,12 @@ def _table(results: dict) -> str:
         cols.append(("random 64 tokens", results["random64"]))
     if results.get("minillava_full"):
         cols.append(("MiniLLaVA, all tokens", results["minillava_full"]))
-    rows = ["| family | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    subsets = [k for k in results["full"] if "/" in k]  # e.g. reading/small: rows under their family
-    for fam in (*FAMILIES, "overall"):
-        for key in [fam] + [k for k in subsets if k.startswith(fam + "/")]:
-            if key not in results["full"]:
-                continue
-            cells = [f"{100 * col[key]:.1f}%" if key in col else "-" for _, col in cols]
-            label = key if "/" not in key else f"&nbsp;&nbsp;{key.split('/')[1]} text"
-            rows.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+    full = results["full"]
+    subsets = [k for k in full if "/" in k]  # e.g. reading/small: rows under their family
+    keys = [
+        k for fam in (*FAMILIES, "overall") for k in [fam, *(s for s in subsets if s.startswith(fam + "/"))]
+    ]
+    return _markdown_table(cols, [k for k in keys if k in full])
 
 
 TARGETS = {"overall": 0.9, "family": 0.8, "random64_drop": 0.10}
@@ -132,15 +138,11 @@ def _detail(results: dict) -> str:
     cols = [("all tokens", detail)]
     if results.get("minillava_detail"):
         cols.append(("MiniLLaVA, all tokens", results["minillava_detail"]))
-    rows = ["| family | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for fam in (*DETAIL_FAMILIES, "overall"):
-        cells = [f"{100 * col[fam]:.1f}%" if fam in col else "-" for _, col in cols]
-        rows.append(f"| {fam} | " + " | ".join(cells) + " |")
     return (
         '\n## Fine detail (`load_synthbench("detail")`, 240 questions)\n'
         "Digits (reading) and small shapes (attribute, counting) drawn at half size: a patch or less at 192 px, "
         "the usual size in LLaVA-NeXT's full-resolution crops. No training scene holds them.\n\n"
-        + "\n".join(rows)
+        + _markdown_table(cols, [*DETAIL_FAMILIES, "overall"])
         + "\n"
     )
 

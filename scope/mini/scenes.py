@@ -1,9 +1,10 @@
 """Deterministic procedural scenes for SynthBench and MiniLLaVA.
 
 A scene is a few large, salient shapes and several small ones on a low-contrast textured background; some
-large shapes carry a digit glyph (drawn at half size in "small text" scenes). Scenes are rendered at ``RENDER_SIZE`` (384 px) and downsampled for the
+large shapes carry a digit glyph. Scenes are rendered at ``RENDER_SIZE`` (384 px) and downsampled for the
 model (192 px for MiniLLaVA), so fine detail (small shapes, glyphs) is partly lost at single-crop
-resolution -- which is what higher-resolution LLaVA-NeXT crops buy back.
+resolution -- which is what higher-resolution LLaVA-NeXT crops buy back. Seed ranges reserved for evaluation
+draw the digits (``SMALL_TEXT_SEED_BASE``) or the small shapes (``TINY_SEED_BASE``) at half size.
 
 Everything is a pure function of an integer seed: ``make_scene(seed)`` gives the same scene on every
 machine (numpy ``default_rng`` + Pillow drawing, font = Pillow's built-in FreeType font).

@@ -1611,11 +1611,12 @@ def reevaluate(args) -> None:
     write_card(mini_dir, "MiniLLaVA", "LlavaForConditionalGeneration", mini_recipe(args), results)
     del mini, tfeats
     nxt = LlavaNextForConditionalGeneration.from_pretrained(next_dir, dtype=torch.float32).eval()
-    tfeats = extract_next_features(nxt, build_next_processor(tok), tseeds, desc="NeXT features (test)")
+    next_processor = build_next_processor(tok)
+    tfeats = extract_next_features(nxt, next_processor, tseeds, desc="NeXT features (test)")
     next_results = json.loads((next_dir / "results.json").read_text())
     next_results["full"] = evaluate_features(nxt, seq, tfeats, titems, batch=8)
     next_results["minillava_full"] = results["full"]
-    next_results["detail"] = evaluate_detail(nxt, seq, build_next_processor(tok))
+    next_results["detail"] = evaluate_detail(nxt, seq, next_processor)
     next_results["minillava_detail"] = results["detail"]
     next_results["reevaluated"] = True
     next_results["status"] = target_status(next_results)
