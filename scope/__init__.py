@@ -4,6 +4,7 @@ One-call API::
 
     import scope
     kept = scope.select(features, saliency, budget=64)            # plain tensors -> kept indices
+    scope.METHODS                                                  # the registry: name -> scope.Method
     model, processor = scope.load(method="scope", budget=64)      # embedded MiniLLaVA, pruned
     scope.patch(hf_llava_model, method="scope", budget=64)        # any transformers LLaVA / LLaVA-NeXT
 
@@ -18,8 +19,9 @@ import importlib
 
 from .coverage import coverage_gain, set_coverage, theta_coverage
 from .load import load
+from .methods import METHODS, Method, Option, get_method, register
 from .patch import equivalent_tokens, is_patched, patch, unpatch
-from .select import METHODS, Pruned, prune, scope_greedy_fast, scope_greedy_reference, select
+from .select import Pruned, prune, scope_greedy_fast, scope_greedy_reference, select
 
 __version__ = "0.1.0"
 
@@ -27,7 +29,11 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "select": "scope.select",
     "prune": "scope.select",
-    "METHODS": "scope.select",
+    "METHODS": "scope.methods",
+    "Method": "scope.methods",
+    "Option": "scope.methods",
+    "register": "scope.methods",
+    "get_method": "scope.methods",
     "Pruned": "scope.select",
     "scope_greedy_reference": "scope.select",
     "scope_greedy_fast": "scope.select",

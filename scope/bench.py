@@ -1,43 +1,28 @@
 """Benchmarks that print ratios measured in one run (never timed tests: these machines are noisy).
 
 python -m scope.bench select   # reference vs fast exact SCOPE greedy
-python -m scope.bench e2e      # tokens, FLOPs, latency of pruned LLaVA models (scope.efficiency)
+python -m scope.bench e2e      # tokens, FLOPs, latency of pruned LLaVA models (scope.efficiency, scope.latency)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
 
+import pandas as pd
 import torch
 from torch.utils.benchmark import Timer
 
+from .efficiency import DEFAULT_METHODS, PAPER_CONFIGS, PROMPT_TOKENS, flops_table, visual_layout
+from .latency import default_model, latency_table, selection_time, synthetic_inputs
+from .methods import NONE, PRE_LLM, get_method, names
 from .select import scope_greedy_fast, scope_greedy_reference
 
 CASES = [(576, 64, 1), (576, 64, 8), (2880, 160, 1), (2880, 160, 8)]
-
-
-def synthetic_inputs(n: int, batch: int, dim: int = 1024, kind: str = "clip-like", seed: int = 0):
-    """Features and saliency shaped like LLaVA's vision layer -2 (CLS dropped).
-
-    ``clip-like``: features drawn around 24 cluster centres (objects/background regions) with heavy-tailed
-    saliency (softmax of scaled Gaussian logits), as CLIP's CLS attention is skewed (paper Fig. 1b).
-    ``gaussian``: isotropic features and near-uniform saliency, the lazy greedy's worst case.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    if kind == "gaussian":
-        feats = torch.randn(batch, n, dim, generator=gen)
-        sal = torch.rand(batch, n, generator=gen).softmax(-1)
-    elif kind == "clip-like":
-        centres = torch.randn(batch, 24, dim, generator=gen)
-        assign = torch.randint(0, 24, (batch, n), generator=gen)
-        feats = centres.gather(1, assign[..., None].expand(-1, -1, dim)) + 0.7 * torch.randn(
-            batch, n, dim, generator=gen
-        )
-        sal = (3.0 * torch.randn(batch, n, generator=gen)).softmax(-1)
-    else:
-        raise ValueError(f"kind must be 'clip-like' or 'gaussian', got {kind!r}")
-    return feats, sal
 
 
 def bench_select(kinds=("clip-like", "gaussian"), cases=CASES, min_run_time: float = 1.0, check: bool = True):
@@ -79,6 +64,123 @@ def bench_select(kinds=("clip-like", "gaussian"), cases=CASES, min_run_time: flo
     return rows
 
 
+_FLOP_COLUMNS = [
+    "model", "method", "budget", "visual_in", "visual_avg", "vision_gflops", "select_gflops", "saliency_gflops",
+    "llm_gflops", "total_gflops", "flops_ratio", "llm_ratio", "token_ratio", "select_share", "kv_cache_mb",
+    "select_ms_cpu",
+]  # fmt: skip
+_LATENCY_COLUMNS = [
+    "method", "budget", "visual_in", "visual_avg", "prefill_ms", "ttft_ms", "decode_tok_s", "select_ms",
+    "peak_mem_mb", "speedup", "token_ratio", "flops_ratio", "select_share",
+]  # fmt: skip
+
+
+def _selection_ms(row, configs) -> float:
+    """CPU time of a FLOP-table row's selection at the real dims (NaN for methods without one)."""
+    if get_method(row.method).stage != PRE_LLM:
+        return float("nan")
+    from .efficiency import load_config
+
+    config = load_config(next(c for c in configs if Path(str(c)).name == row.model))
+    crops, n = visual_layout(config)
+    return _timed_selection(row.method, int(row.budget), crops, n, config.vision_config.hidden_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _timed_selection(method: str, budget: int, crops: int, n: int, d: int) -> float:
+    return selection_time(method, budget, crops, n, d)
+
+
+def _print(df: pd.DataFrame, columns: list[str]) -> None:
+    with pd.option_context("display.width", 200, "display.max_columns", 50, "display.max_rows", 500):
+        print(df[columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+
+
+def e2e(argv: Sequence[str] | None = None) -> int:
+    """``python -m scope.bench e2e``: the FLOP table of the paper's models and the measured table."""
+    parser = argparse.ArgumentParser(prog="python -m scope.bench e2e", description=e2e.__doc__)
+    parser.add_argument(
+        "--configs", nargs="+", default=list(PAPER_CONFIGS), help="names in data/configs or folders"
+    )
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    parser.add_argument(
+        "--budgets", nargs="+", type=int, default=None, help="default: the paper's per family"
+    )
+    parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
+    parser.add_argument(
+        "--model", default=None, help="model folder for the measured table (default: embedded)"
+    )
+    parser.add_argument(
+        "--latency-budgets", nargs="+", type=int, default=None, help="default: paper ratios x N"
+    )
+    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timed measurement")
+    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for the measured table (default 1: on a shared CPU, more threads spin against other "
+        "processes and scatter the timings)",
+    )
+    parser.add_argument("--skip-flops", action="store_true")
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument(
+        "--csv", default=None, help="write CSV: PATH gets the FLOP table, PATH with -latency the other"
+    )
+    args = parser.parse_args(argv)
+    known = [m for m in names() if get_method(m).stage != NONE]
+    for m in args.methods:
+        if m not in known:
+            raise SystemExit(f"--methods: unknown method {m!r}; choose from {sorted(known)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    if not args.skip_flops:
+        flops = flops_table(args.configs, args.budgets, args.methods, args.prompt_tokens, progress=True)
+        flops["select_ms_cpu"] = [_selection_ms(r, args.configs) for r in flops.itertuples()]
+        print(
+            f"\n# Prefill FLOPs counted on the meta device (FlopCounterMode): 1 image + {args.prompt_tokens} "
+            "text tokens; LLaVA-NeXT N = 5 x 576 = 2880 split evenly over crops; select = scope.prune on "
+            "random tensors of the real dims + elementwise closed form (dense greedy: an upper bound of the "
+            "lazy one); select_share = (select + saliency) / total; kv_cache_mb in fp16; select_ms_cpu = "
+            "scope.prune per image on this CPU at the real dims."
+        )
+        _print(flops, _FLOP_COLUMNS)
+        if args.csv:
+            flops.to_csv(args.csv, index=False)
+    if not args.skip_latency:
+        if args.model:
+            import scope
+
+            model, processor = scope.load(args.model)
+            model, label = model.eval(), str(args.model)
+        else:
+            model, processor, label = default_model()
+        lat = latency_table(
+            model,
+            processor,
+            args.latency_budgets,
+            args.methods,
+            args.min_run_time,
+            args.decode_tokens,
+            label=label,
+            progress=True,
+        )
+        device = next(model.parameters()).device
+        print(
+            f"\n# Measured on {lat.model.iloc[0]}, {device.type}, {torch.get_num_threads()} threads, batch 1, "
+            f"fastest block of torch.utils.benchmark (median of CUDA events on GPU); decode = {args.decode_tokens} "
+            "tokens; "
+            "select_share = scope.prune time on this image's features / pruned prefill."
+        )
+        _print(lat, _LATENCY_COLUMNS)
+        if args.csv:
+            path = Path(args.csv)
+            lat.to_csv(path.with_name(path.stem + "-latency" + path.suffix), index=False)
+    print(f"\n({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m scope.bench",
@@ -98,9 +200,7 @@ def main(argv=None) -> int:
     )
     args, rest = parser.parse_known_args(argv)
     if args.what == "e2e":
-        from . import efficiency
-
-        return efficiency.main(rest) or 0
+        return e2e(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.threads:

@@ -1,6 +1,4 @@
-"""What pruning buys, counted and measured the same way for every method.
-
-Two halves:
+"""What pruning buys, counted the same way for every method (the measured half: :mod:`scope.latency`).
 
 * **Counted** (:func:`flops_table`): the paper's models are built on the meta device from their published
   configs (``data/configs``; no weights, no memory) and every matmul of a prefill is counted with
@@ -9,10 +7,7 @@ Two halves:
   visual tokens to every layer; in-LLM methods (FastV, PDrop) feed all N to the first layers and fewer
   later, so they are counted with their real per-layer token counts and also shown as a layer-averaged
   token count. The selection's elementwise work, which FlopCounterMode does not see (it counts
-  matmul / conv / attention only), is added from closed forms stated in :func:`selection_flops`.
-* **Measured** (:func:`latency_table`): prefill latency, time-to-first-token, decode tokens/s, peak memory
-  and the selection's own time on a real (small) model, with :class:`torch.utils.benchmark.Timer` on CPU
-  and CUDA events on a GPU.
+  matmul / conv / attention only), is added from the closed form in each method's registry record (:mod:`scope.methods`).
 
 Conventions (stated once, used everywhere):
 
@@ -28,14 +23,12 @@ Conventions (stated once, used everywhere):
   kept after the (first) drop layer (FastV, PDrop). The in-LLM methods' ranking (the last token's
   attention row, recomputed by :mod:`scope.patch.in_llm`) is counted as their selection cost.
 
-``python -m scope.bench e2e`` prints both tables (:func:`main`).
+``python -m scope.bench e2e`` prints this table and the measured one.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -43,16 +36,18 @@ import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from scope.methods import COMPARED, IN_LLM, NONE, PRE_LLM, UNPRUNED, get_method
 from scope.paths import CONFIGS_DIR
 
 __all__ = [
     "PAPER_CONFIGS",
-    "PRE_LLM_METHODS",
-    "IN_LLM_METHODS",
+    "PAPER_BUDGETS",
+    "DEFAULT_METHODS",
     "PROMPT_TOKENS",
     "load_config",
     "meta_model",
     "count_flops",
+    "family",
     "visual_layout",
     "token_schedule",
     "llm_flops",
@@ -62,20 +57,12 @@ __all__ = [
     "saliency_flops",
     "ranking_flops",
     "selection_flops",
-    "selection_time",
     "prefill_flops",
     "flops_table",
-    "measure",
-    "latency_table",
-    "default_model",
-    "main",
 ]
 
 PAPER_CONFIGS = ("llava-1.5-7b", "llava-v1.6-vicuna-7b", "llava-1.5-13b", "llava-v1.6-vicuna-13b")
-PRE_LLM_METHODS = ("scope", "coverage", "saliency", "random", "uniform", "divprune", "visionzip")
-IN_LLM_METHODS = ("fastv", "pdrop")
-# methods shown by default: SCOPE, the strongest pre-LLM baselines and both in-LLM baselines
-DEFAULT_METHODS = ("scope", "visionzip", "divprune", "random", "fastv", "pdrop")
+DEFAULT_METHODS = COMPARED  # SCOPE, the strongest pre-LLM baselines and both in-LLM baselines
 PROMPT_TOKENS = 64
 # budgets of the paper's tables: Table 1 (LLaVA-1.5) and Table 2 (LLaVA-NeXT)
 PAPER_BUDGETS = {"llava": (192, 128, 64), "llava_next": (640, 320, 160)}
@@ -131,7 +118,8 @@ def count_flops(fn: Callable, *args, **kwargs) -> int:
     return int(counter.get_total_flops())
 
 
-def _family(config) -> str:
+def family(config) -> str:
+    """ "llava_next" or "llava": how the config's images become visual tokens."""
     return "llava_next" if getattr(config, "model_type", "") == "llava_next" else "llava"
 
 
@@ -139,7 +127,7 @@ def visual_layout(config) -> tuple[int, int]:
     """(crops, tokens per crop) of one image: (1, 576) for LLaVA-1.5, (5, 576) for LLaVA-NeXT."""
     v = config.vision_config
     per_crop = (v.image_size // v.patch_size) ** 2
-    return (5 if _family(config) == "llava_next" else 1), per_crop
+    return (5 if family(config) == "llava_next" else 1), per_crop
 
 
 def _text_parts(model):
@@ -156,24 +144,16 @@ def _text_parts(model):
 def token_schedule(method: str, budget: int | None, n_visual: int, n_layers: int, **options) -> list[int]:
     """Visual tokens alive in each of the ``n_layers`` LLM layers for one image of ``n_visual`` tokens.
 
-    * ``"none"`` or ``budget=None`` (pre-LLM): N everywhere.
-    * pre-LLM methods: ``budget`` everywhere (LLaVA-NeXT's per-crop split is applied by the caller).
-    * ``"fastv"`` / ``"pdrop"``: exactly the schedule :mod:`scope.patch.in_llm` runs (so counted and
-      measured numbers describe the same baseline): FastV keeps N in layers < ``layer`` (default 2) and
-      ``budget`` after; PDrop keeps N until its first stage end (layer 8 of 32, scaled to the depth), then
-      ``budget``, ``budget * ratio``, ``budget * ratio**2`` (ratio 0.5) at the later stage ends.
+    The method record's ``tokens_per_layer``: the unpruned model (or a pre-LLM method without a budget)
+    keeps N everywhere; pre-LLM methods ``budget`` everywhere (LLaVA-NeXT's per-crop split is applied by
+    the caller); in-LLM methods exactly the schedule :mod:`scope.patch.in_llm` runs, so counted and
+    measured numbers describe the same baseline (FastV: N in layers < ``layer``, then ``budget``; PDrop: N
+    until its first stage end, then ``budget``, ``budget * ratio``, ...).
     """
-    if method == "none" or (budget is None and method not in IN_LLM_METHODS):
-        return [n_visual] * n_layers
-    if budget is not None and not 1 <= budget <= n_visual:
+    record = get_method(method)
+    if record.stage != NONE and budget is not None and not 1 <= budget <= n_visual:
         raise ValueError(f"budget must be in [1, {n_visual}], got {budget}")
-    if method in PRE_LLM_METHODS:
-        return [budget] * n_layers
-    if method in IN_LLM_METHODS:
-        from scope.patch.in_llm import schedule
-
-        return [int(c) for c in schedule(method, budget, n_visual, n_layers, dict(options))]
-    raise ValueError(f"unknown method {method!r}; choose 'none', one of {PRE_LLM_METHODS + IN_LLM_METHODS}")
+    return [int(c) for c in record.tokens_per_layer(budget, n_visual, n_layers, options)]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -280,26 +260,6 @@ def ranking_flops(model, n_tokens: int) -> int:
     return count_flops(last_token_attention, layer, x, cos_sin, valid)
 
 
-def _elementwise_flops(method: str, n: int, k: int, d: int) -> int:
-    """Closed form of a selection's elementwise work per crop (FlopCounterMode sees only its matmuls).
-
-    * scope / coverage: row normalisation (3 n d) + K greedy steps, each scoring all n candidates against
-      all n tokens: ``max(0, S_uv - c_u)`` summed over u is 3 n^2, then weighting, argmax and the
-      coverage update (3 n): ``3 n d + K (3 n^2 + 3 n)``. This is the dense reference loop; the fast lazy
-      greedy rescores only a few rows per step, so this is an upper bound for it.
-    * divprune: normalisation + nearest-neighbour pass (n^2) + K steps of min-update and argmax (2 n).
-    * visionzip: normalisation + one argmax over the contextual similarity and the merge mean (~3 n d).
-    * saliency / random / uniform: a top-k or an index list, ~0.
-    """
-    if method in ("scope", "coverage"):
-        return 3 * n * d + k * (3 * n * n + 3 * n)
-    if method == "divprune":
-        return 3 * n * d + n * n + k * 2 * n
-    if method == "visionzip":
-        return 6 * n * d
-    return 0
-
-
 @functools.lru_cache(maxsize=512)
 def selection_flops(
     method: str, budget: int, crops: int = 1, n: int = 576, d: int = 1024, seed: int = 0
@@ -307,11 +267,12 @@ def selection_flops(
     """FLOPs of one image's selection: ``scope.prune`` on random ``[crops, n, d]`` features of the real dims.
 
     ``budget`` is split evenly over the crops (floor(budget / crops) each). Returns ``{"counted": matmul
-    FLOPs seen by FlopCounterMode, "elementwise": the closed form of :func:`_elementwise_flops` for all
+    FLOPs seen by FlopCounterMode, "elementwise": the record's ``selection_flops`` closed form for all
     crops, "total": their sum}``. In-LLM methods have no separate selection (their ranking row is counted in
     :func:`prefill_flops`): zeros.
     """
-    if method in IN_LLM_METHODS or method == "none":
+    record = get_method(method)
+    if record.stage != PRE_LLM:
         return {"counted": 0, "elementwise": 0, "total": 0}
     import scope
 
@@ -322,24 +283,9 @@ def selection_flops(
     feats = torch.randn(crops, n, d, generator=gen)
     sal = torch.rand(crops, n, generator=gen).softmax(-1)
     counted = count_flops(scope.prune, feats, sal, budget=per_crop, method=method)
-    elementwise = crops * _elementwise_flops(method, n, per_crop, d)
+    closed_form = record.selection_flops
+    elementwise = crops * closed_form(n, per_crop, d) if closed_form is not None else 0
     return {"counted": counted, "elementwise": elementwise, "total": counted + elementwise}
-
-
-def selection_time(
-    method: str, budget: int, crops: int = 1, n: int = 576, d: int = 1024, min_run_time: float = 0.1
-) -> float:
-    """Milliseconds of ``scope.prune`` for one image at the real dims on this machine's CPU.
-
-    Features drawn around cluster centres with skewed saliency (``scope.bench.synthetic_inputs``,
-    "clip-like"), since the lazy greedy's speed depends on the data; budget split over crops as above.
-    """
-    import scope
-    from scope.bench import synthetic_inputs
-
-    feats, sal = synthetic_inputs(n, crops, dim=d)
-    per_crop = budget // crops
-    return 1e3 * _timed(lambda: scope.prune(feats, sal, per_crop, method), torch.device("cpu"), min_run_time)
 
 
 def prefill_flops(
@@ -360,34 +306,28 @@ def prefill_flops(
     LLaVA-NeXT image adds unpadded grid rows and newline tokens); the vision tower still runs all crops.
     """
     config = load_config(config)
-    if budget is None:
-        method = "none"
+    record = get_method(UNPRUNED if budget is None else method)
     model = meta_model(config)
     crops, per_crop = visual_layout(config)
     n_visual = crops * per_crop if n_visual is None else int(n_visual)
     n_layers = config.text_config.num_hidden_layers
-    if method != "none" and budget is not None and method in PRE_LLM_METHODS:
-        kept = crops * (budget // crops)  # per-crop split: floor(K / crops) per crop
-    else:
-        kept = n_visual if budget is None or method == "none" else budget
-    schedule = token_schedule(
-        method, kept if method in PRE_LLM_METHODS else budget, n_visual, n_layers, **options
-    )
-    entering = n_visual if method in IN_LLM_METHODS or budget is None else kept
+    if record.stage == PRE_LLM:
+        entering = crops * (budget // crops)  # per-crop split: floor(K / crops) per crop
+        schedule = token_schedule(record.name, entering, n_visual, n_layers, **options)
+    else:  # the unpruned model and in-LLM methods feed the LLM every visual token
+        entering = n_visual
+        schedule = token_schedule(record.name, budget, n_visual, n_layers, **options)
     llm = llm_flops(model, [prompt_tokens + s for s in schedule])
-    if method in IN_LLM_METHODS:
-        # their ranking: the last token's attention row, recomputed before every drop (counted separately
-        # as the in-LLM methods' "selection")
+    sal = saliency_flops(model, crops) if record.needs_saliency(options) else 0
+    if record.stage == PRE_LLM:
+        sel = selection_flops(record.name, budget, crops, per_crop, config.vision_config.hidden_size)["total"]
+    elif record.stage == IN_LLM:
+        # their ranking: the last token's attention row, recomputed before every drop (counted as the in-LLM
+        # methods' "selection")
         drops = [i for i in range(1, n_layers) if schedule[i] < schedule[i - 1]]
-        rank = sum(ranking_flops(model, prompt_tokens + schedule[i - 1]) for i in drops)
+        sel = sum(ranking_flops(model, prompt_tokens + schedule[i - 1]) for i in drops)
     else:
-        rank = 0
-    uses_saliency = method in ("scope", "saliency", "visionzip")
-    sal = saliency_flops(model, crops) if (uses_saliency and budget is not None) else 0
-    if method in PRE_LLM_METHODS and budget is not None:
-        sel = selection_flops(method, budget, crops, per_crop, config.vision_config.hidden_size)["total"]
-    else:
-        sel = rank
+        sel = 0
     vis = vision_flops(model, crops)
     proj = projector_flops(model, entering)
     total = vis + sal + sel + proj + llm
@@ -398,7 +338,7 @@ def prefill_flops(
     kv_bytes = sum(2 * (prompt_tokens + n) * d_kv * 2 for n in schedule)  # K and V, fp16
     return {
         "model": getattr(config, "_name_or_path", "") or "",
-        "method": method if budget is not None else "none",
+        "method": record.name,
         "budget": budget if budget is not None else n_visual,
         "prompt_tokens": prompt_tokens,
         "visual_in": entering,
@@ -420,15 +360,13 @@ def flops_table(
     budgets: Sequence[int] | None = None,
     methods: Sequence[str] = DEFAULT_METHODS,
     prompt_tokens: int = PROMPT_TOKENS,
-    time_selection: bool = False,
     progress: bool = False,
 ) -> pd.DataFrame:
     """Prefill FLOPs of each config (name, folder or config) x method x budget, plus the unpruned row.
 
     ``budgets=None`` uses the paper's budgets of each family (192/128/64 for LLaVA-1.5, 640/320/160 for
     LLaVA-NeXT). Columns: those of :func:`prefill_flops` plus ``flops_ratio`` (unpruned / pruned total),
-    ``llm_ratio`` (the same for the LLM alone) and ``token_ratio`` (N / layer-averaged visual tokens);
-    with ``time_selection``, ``select_ms_cpu``: :func:`selection_time` of pre-LLM methods at these dims.
+    ``llm_ratio`` (the same for the LLM alone) and ``token_ratio`` (N / layer-averaged visual tokens).
     """
     from tqdm.auto import tqdm
 
@@ -436,434 +374,15 @@ def flops_table(
     for cfg in configs:
         config = load_config(cfg)
         name = cfg if isinstance(cfg, str) else getattr(config, "_name_or_path", "model")
-        own = budgets if budgets is not None else PAPER_BUDGETS[_family(config)]
-        jobs = [("none", None)] + [(m, b) for b in own for m in methods]
+        own = budgets if budgets is not None else PAPER_BUDGETS[family(config)]
+        jobs = [(UNPRUNED, None)] + [(m, b) for b in own for m in methods]
         for method, budget in tqdm(jobs, desc=f"FLOPs {Path(str(name)).name}", disable=not progress):
             row = prefill_flops(config, method, budget, prompt_tokens)
             row["model"] = Path(str(name)).name
-            if time_selection:
-                row["select_ms_cpu"] = _cached_selection_time(method, budget, *visual_layout(config), config)
             rows.append(row)
     df = pd.DataFrame(rows)
-    base = df[df.method == "none"].set_index("model")
+    base = df[df.method == UNPRUNED].set_index("model")
     df["flops_ratio"] = df.model.map(base.total_gflops) / df.total_gflops
     df["llm_ratio"] = df.model.map(base.llm_gflops) / df.llm_gflops
     df["token_ratio"] = df.model.map(base.visual_avg) / df.visual_avg
     return df
-
-
-@functools.lru_cache(maxsize=256)
-def _selection_time_key(method: str, budget: int, crops: int, n: int, d: int) -> float:
-    return selection_time(method, budget, crops, n, d)
-
-
-def _cached_selection_time(method, budget, crops, n, config) -> float:
-    if method not in PRE_LLM_METHODS or budget is None:
-        return float("nan")
-    return _selection_time_key(method, budget, crops, n, config.vision_config.hidden_size)
-
-
-# --------------------------------------------------------------------------------------------------------
-# measured on a real model
-# --------------------------------------------------------------------------------------------------------
-
-
-def _timed(fn: Callable, device: torch.device, min_run_time: float) -> float:
-    """Seconds per call of ``fn()``: median of CUDA-event timings on a GPU; elsewhere the fastest block of
-    torch.utils.benchmark.Timer's ``blocked_autorange`` (on a shared CPU the minimum is the reproducible
-    statistic: other processes only ever add time)."""
-    if device.type == "cuda":
-        fn()
-        torch.cuda.synchronize(device)
-        times, spent = [], 0.0
-        while spent < min_run_time or len(times) < 3:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1e3)
-            spent += times[-1]
-        return float(torch.tensor(times).median())
-    from torch.utils.benchmark import Timer
-
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return float(min(timer.blocked_autorange(min_run_time=min_run_time).times))
-
-
-def _peak_memory(fn: Callable, device: torch.device) -> float:
-    """Peak bytes allocated by torch during ``fn()`` above what was allocated before it.
-
-    CUDA: the caching allocator's statistics. CPU: the allocation timeline of the torch profiler
-    (``profile_memory=True``); NaN when the profiler cannot give one.
-    """
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return float(torch.cuda.max_memory_allocated(device) - before)
-    try:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        events = sorted(
-            (e.start_ns(), e.nbytes())
-            for e in prof.profiler.kineto_results.events()
-            if e.name() == "[memory]"
-        )
-    except Exception:  # private profiler API: keep the table even where it changes
-        return float("nan")
-    peak = level = 0
-    for _, nbytes in events:
-        level += nbytes
-        peak = max(peak, level)
-    return float(peak)
-
-
-def _tokens_per_layer(model, run: Callable) -> list[int]:
-    """Tokens each LLM decoder layer computes on during ``run()`` (first call of each layer).
-
-    Read at the layer's MLP input: in-LLM methods shorten the sequence inside a layer's wrapped forward,
-    so the layer's own input can still be the longer one.
-    """
-    layers = model.model.language_model.layers
-    seen: dict[int, int] = {}
-
-    def hook(i):
-        def pre(module, args):
-            seen.setdefault(i, int(args[0].shape[1]))
-
-        return pre
-
-    handles = [layer.mlp.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    return [seen.get(i, 0) for i in range(len(layers))]
-
-
-def _vision_inputs(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (vision layer -2, CLS dropped) and CLS saliency (layer -2, summed over heads), per crop.
-
-    What the patched model hands to ``scope.prune``; used to time the selection on real features.
-    """
-    pixels = inputs["pixel_values"]
-    if pixels.dim() == 5:  # LLaVA-NeXT: [B, crops, 3, H, W] -> crops of the first image
-        pixels = pixels[0]
-    tower = model.model.vision_tower
-    layer = model.config.vision_feature_layer
-    layer = layer if isinstance(layer, int) else layer[-1]
-    with torch.no_grad():
-        hidden = tower(pixels.to(model.dtype), output_hidden_states=True).hidden_states
-        attn_layer = tower.encoder.layers[layer]
-        h = attn_layer.layer_norm1(hidden[layer - 1])
-        attn = attn_layer.self_attn
-        heads, hd = attn.num_heads, attn.head_dim
-        q = attn.q_proj(h[:, :1]).view(h.shape[0], 1, heads, hd).transpose(1, 2)
-        k = attn.k_proj(h).view(h.shape[0], -1, heads, hd).transpose(1, 2)
-        sal = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1).sum(1)[:, 0, 1:]
-    return hidden[layer][:, 1:].float(), sal.float()
-
-
-def _make_image(size: int):
-    """A procedural MiniLLaVA scene (what the embedded model was trained on), else a drawn test card."""
-    try:
-        from scope.mini.scenes import make_scene, render
-
-        image = render(make_scene(0))
-        image = image[0] if isinstance(image, tuple) else image
-        return image.convert("RGB").resize((size, size))
-    except Exception:
-        from PIL import Image, ImageDraw
-
-        image = Image.new("RGB", (size, size), (200, 200, 190))
-        draw = ImageDraw.Draw(image)
-        for i in range(6):
-            x, y = (i * 37) % size, (i * 61) % size
-            draw.ellipse([x, y, x + size // 4, y + size // 4], fill=(40 * i % 255, 90, 200 - 30 * i))
-        return image
-
-
-def _make_inputs(model, processor, question: str):
-    image_size = model.config.vision_config.image_size
-    size = image_size * 2 if _family(model.config) == "llava_next" else image_size
-    image = _make_image(size)
-    if getattr(processor, "chat_template", None):
-        content = [{"type": "image"}, {"type": "text", "text": question}]
-        prompt = processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True
-        )
-    else:  # LLaVA-1.5's template
-        prompt = f"USER: {getattr(processor, 'image_token', '<image>')}\n{question} ASSISTANT:"
-    return processor(images=image, text=prompt, return_tensors="pt")
-
-
-def measure(
-    model,
-    inputs,
-    method: str = "none",
-    budget: int | None = None,
-    min_run_time: float = 0.2,
-    decode_tokens: int = 16,
-    memory: bool = True,
-    **options,
-) -> dict:
-    """Measure one prefill of ``model`` on ``inputs`` pruned by ``method`` at ``budget`` (None: unpruned).
-
-    Patches with ``scope.patch`` for the duration and unpatches after. Returns visual tokens per LLM layer
-    (from forward hooks), prefill latency (``model(**inputs)``, logits of the last position) and
-    time-to-first-token (``generate(max_new_tokens=1)``) in ms, decode tokens/s (``decode_tokens`` more
-    tokens), the selection's own time in ms on this image's real features (pre-LLM methods; it is part
-    of the pruned prefill) and the prefill's peak memory (MiB; NaN with ``memory=False``). ``options``
-    go to ``scope.patch``.
-    """
-    import scope
-
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-    n_input = int(inputs["input_ids"].shape[1])
-    image_id = model.config.image_token_id if hasattr(model.config, "image_token_id") else None
-    n_placeholders = int((inputs["input_ids"] == image_id).sum()) if image_id is not None else 0
-    n_text = n_input - n_placeholders
-    pruned = method != "none" and budget is not None
-    if pruned:
-        scope.patch(model, method=method, budget=budget, **options)
-    try:
-        with torch.inference_mode():
-
-            def prefill():
-                return model(**inputs, use_cache=True, logits_to_keep=1)
-
-            def first_token():
-                return model.generate(**inputs, max_new_tokens=1, do_sample=False)
-
-            def decode():
-                return model.generate(
-                    **inputs,
-                    max_new_tokens=decode_tokens + 1,
-                    min_new_tokens=decode_tokens + 1,
-                    do_sample=False,
-                )
-
-            per_layer = _tokens_per_layer(model, prefill)
-            prefill_s = _timed(prefill, device, min_run_time)
-            ttft_s = _timed(first_token, device, min_run_time)
-            decode_s = _timed(decode, device, min_run_time)
-            peak = _peak_memory(prefill, device) if memory else float("nan")
-    finally:
-        if pruned:
-            scope.unpatch(model)
-    select_s = float("nan")
-    if pruned and method in PRE_LLM_METHODS:
-        feats, sal = _vision_inputs(model, inputs)
-        crops = feats.shape[0]
-        per_crop = max(1, budget // crops)
-        select_s = _timed(
-            lambda: scope.prune(feats, sal, budget=per_crop, method=method), device, min_run_time / 2
-        )
-    visual = [n - n_text for n in per_layer]
-    return {
-        "method": method if pruned else "none",
-        "budget": budget if pruned else n_placeholders,
-        "text_tokens": n_text,
-        "visual_in": visual[0],
-        "visual_avg": sum(visual) / len(visual),
-        "per_layer": visual,
-        "prefill_ms": prefill_s * 1e3,
-        "ttft_ms": ttft_s * 1e3,
-        "decode_tok_s": decode_tokens / max(decode_s - ttft_s, 1e-9),
-        "select_ms": select_s * 1e3,
-        "peak_mem_mb": peak / 2**20,
-    }
-
-
-def default_model():
-    """(model, processor, label): the embedded MiniLLaVA, or a tiny ``scope.testing`` model when it is missing."""
-    import scope
-    from scope.paths import MINILLAVA_DIR
-
-    if (MINILLAVA_DIR / "config.json").exists():
-        model, processor = scope.load()
-        return model.eval(), processor, f"MiniLLaVA ({MINILLAVA_DIR.name}, embedded)"
-    from scope.testing import tiny_llava
-
-    # 96 px / patch 4 -> 576 visual tokens, LLaVA-1.5's count, on a random-weight ~40k-parameter model
-    model, processor = tiny_llava(image_size=96, patch_size=4)
-    return model.eval(), processor, "scope.testing.tiny_llava 96px/p4 (random weights; MiniLLaVA missing)"
-
-
-def _scaled_budgets(n_visual: int) -> tuple[int, ...]:
-    # the paper's 192/128/64 of 576 (and 640/320/160 of 2880): the same fractions of this model's N
-    fractions = (192 / 576, 128 / 576, 64 / 576)
-    return tuple(max(1, round(f * n_visual)) for f in fractions)
-
-
-def latency_table(
-    model=None,
-    processor=None,
-    budgets: Sequence[int] | None = None,
-    methods: Sequence[str] = DEFAULT_METHODS,
-    min_run_time: float = 0.2,
-    decode_tokens: int = 16,
-    question: str = "Is there a red circle in the image?",
-    memory: bool = True,
-    label: str | None = None,
-    progress: bool = False,
-) -> pd.DataFrame:
-    """Measured prefill / TTFT / decode / memory / selection time per method x budget, plus unpruned.
-
-    ``model=None`` takes :func:`default_model`. ``budgets=None`` scales the paper's 192/128/64 of 576 to
-    the model's N. Columns: those of :func:`measure` plus ``speedup`` (unpruned prefill / pruned prefill),
-    ``token_ratio`` (N / layer-averaged visual tokens), ``select_share`` (selection / pruned prefill) and,
-    counted for this model's own config as in :func:`prefill_flops`, ``total_gflops`` and ``flops_ratio``
-    (what the speed-up would be if time followed FLOPs).
-    """
-    from tqdm.auto import tqdm
-
-    if model is None:
-        model, processor, label = default_model()
-    label = label or type(model).__name__
-    inputs = _make_inputs(model, processor, question)
-    base = measure(model, inputs, "none", None, min_run_time, decode_tokens, memory)
-    n_visual = base["visual_in"]
-    budgets = tuple(budgets) if budgets is not None else _scaled_budgets(n_visual)
-    rows = [base]
-    jobs = [(m, b) for b in budgets for m in methods]
-    for method, budget in tqdm(jobs, desc="latency", disable=not progress):
-        rows.append(measure(model, inputs, method, budget, min_run_time, decode_tokens, memory))
-    df = pd.DataFrame(rows)
-    df.insert(0, "model", label)
-    df["speedup"] = base["prefill_ms"] / df.prefill_ms
-    df["token_ratio"] = base["visual_avg"] / df.visual_avg
-    df["select_share"] = df.select_ms / df.prefill_ms
-    df["total_gflops"] = [_counted_gflops(model.config, r) for r in df.itertuples()]
-    df["flops_ratio"] = df.total_gflops.iloc[0] / df.total_gflops
-    return df
-
-
-def _counted_gflops(config, row) -> float:
-    """FLOPs of a measured row's prefill, counted on the meta copy of the model (NaN if layouts differ)."""
-    try:
-        budget = None if row.method == "none" else int(row.budget)
-        n_visual = int(row.visual_in) if row.method == "none" or row.method in IN_LLM_METHODS else None
-        counted = prefill_flops(config, row.method, budget, int(row.text_tokens), n_visual)
-    except Exception:  # e.g. a LLaVA-NeXT image whose crops are not the 5 the counter assumes
-        return float("nan")
-    if counted["visual_avg"] != row.visual_avg:
-        return float("nan")
-    return counted["total_gflops"]
-
-
-# --------------------------------------------------------------------------------------------------------
-# command line: python -m scope.bench e2e
-# --------------------------------------------------------------------------------------------------------
-
-_FLOP_COLUMNS = [
-    "model", "method", "budget", "visual_in", "visual_avg", "vision_gflops", "select_gflops", "saliency_gflops",
-    "llm_gflops", "total_gflops", "flops_ratio", "llm_ratio", "token_ratio", "select_share", "kv_cache_mb",
-    "select_ms_cpu",
-]  # fmt: skip
-_LATENCY_COLUMNS = [
-    "method", "budget", "visual_in", "visual_avg", "prefill_ms", "ttft_ms", "decode_tok_s", "select_ms",
-    "peak_mem_mb", "speedup", "token_ratio", "flops_ratio", "select_share",
-]  # fmt: skip
-
-
-def _print(df: pd.DataFrame, columns: list[str]) -> None:
-    with pd.option_context("display.width", 200, "display.max_columns", 50, "display.max_rows", 500):
-        print(df[columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m scope.bench e2e``: the FLOP table of the paper's models and the measured table."""
-    parser = argparse.ArgumentParser(prog="python -m scope.bench e2e", description=main.__doc__)
-    parser.add_argument(
-        "--configs", nargs="+", default=list(PAPER_CONFIGS), help="names in data/configs or folders"
-    )
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
-    parser.add_argument(
-        "--budgets", nargs="+", type=int, default=None, help="default: the paper's per family"
-    )
-    parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
-    parser.add_argument(
-        "--model", default=None, help="model folder for the measured table (default: embedded)"
-    )
-    parser.add_argument(
-        "--latency-budgets", nargs="+", type=int, default=None, help="default: paper ratios x N"
-    )
-    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timed measurement")
-    parser.add_argument("--decode-tokens", type=int, default=16)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads for the measured table (default 1: on a shared CPU, more threads spin against other "
-        "processes and scatter the timings)",
-    )
-    parser.add_argument("--skip-flops", action="store_true")
-    parser.add_argument("--skip-latency", action="store_true")
-    parser.add_argument(
-        "--csv", default=None, help="write CSV: PATH gets the FLOP table, PATH with -latency the other"
-    )
-    args = parser.parse_args(argv)
-    known = set(PRE_LLM_METHODS) | set(IN_LLM_METHODS)
-    for m in args.methods:
-        if m not in known:
-            raise SystemExit(f"--methods: unknown method {m!r}; choose from {sorted(known)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    if not args.skip_flops:
-        flops = flops_table(
-            args.configs, args.budgets, args.methods, args.prompt_tokens, time_selection=True, progress=True
-        )
-        print(
-            f"\n# Prefill FLOPs counted on the meta device (FlopCounterMode): 1 image + {args.prompt_tokens} "
-            "text tokens; LLaVA-NeXT N = 5 x 576 = 2880 split evenly over crops; select = scope.prune on "
-            "random tensors of the real dims + elementwise closed form (dense greedy: an upper bound of the "
-            "lazy one); select_share = (select + saliency) / total; kv_cache_mb in fp16; select_ms_cpu = "
-            "scope.prune per image on this CPU at the real dims."
-        )
-        _print(flops, _FLOP_COLUMNS)
-        if args.csv:
-            flops.to_csv(args.csv, index=False)
-    if not args.skip_latency:
-        if args.model:
-            import scope
-
-            model, processor = scope.load(args.model)
-            model, label = model.eval(), str(args.model)
-        else:
-            model, processor, label = default_model()
-        lat = latency_table(
-            model,
-            processor,
-            args.latency_budgets,
-            args.methods,
-            args.min_run_time,
-            args.decode_tokens,
-            label=label,
-            progress=True,
-        )
-        device = next(model.parameters()).device
-        print(
-            f"\n# Measured on {lat.model.iloc[0]}, {device.type}, {torch.get_num_threads()} threads, batch 1, "
-            f"fastest block of torch.utils.benchmark (median of CUDA events on GPU); decode = {args.decode_tokens} "
-            "tokens; "
-            "select_share = scope.prune time on this image's features / pruned prefill."
-        )
-        _print(lat, _LATENCY_COLUMNS)
-        if args.csv:
-            path = Path(args.csv)
-            lat.to_csv(path.with_name(path.stem + "-latency" + path.suffix), index=False)
-    print(f"\n({time.perf_counter() - started:.1f} s)")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -161,9 +161,11 @@ def load(
         ) from err
     model.eval()
     if method is not None:
+        from scope.methods import NONE, get_method
         from scope.patch import patch
 
-        if budget is None and method not in ("none", "pdrop"):
+        record = get_method(method)
+        if budget is None and record.stage != NONE and not record.budget_optional:
             budget = 64
         patch(model, method=method, budget=budget)
     return model, processor

@@ -25,23 +25,9 @@ from typing import Any
 import pandas as pd
 
 from scope.eval.rundir import read_jsonl
-from scope.eval.runner import NO_PRUNING
 from scope.eval.tasks import get_task
+from scope.methods import METHODS, UNPRUNED, is_unpruned
 from scope.paths import PAPER_DIR
-
-# our method names -> the paper's row labels (Table 1 / Table 4 wording)
-PAPER_METHOD = {
-    "none": "Vanilla (upper bound)",
-    "scope": "SCOPE (Ours)",
-    "visionzip": "VisionZip",
-    "fastv": "FastV",
-    "pdrop": "PDrop†",
-    "divprune": "DivPrune",
-    "random": "Random",
-    "saliency": "Saliency-only",
-    "coverage": "Coverage-only",
-    "uniform": "Uniform",
-}
 
 
 def paper_table(name: str) -> pd.DataFrame:
@@ -82,8 +68,20 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     }
 
 
-def _is_unpruned(cfg: dict) -> bool:
-    return cfg.get("method") is None or cfg.get("method") in NO_PRUNING
+def is_unpruned_run(cfg: dict) -> bool:
+    """Whether a run's config.json describes the unpruned model."""
+    try:
+        return is_unpruned(cfg.get("method"))
+    except ValueError:  # a method this session has not registered: a pruned run all the same
+        return False
+
+
+def paper_label(method: str) -> str:
+    """How the paper's tables name ``method`` (its record's paper label, else its label, else the name)."""
+    record = METHODS.get(method)
+    if record is None:
+        return method
+    return record.paper_label or record.label
 
 
 def bootstrap_ci(
@@ -154,8 +152,8 @@ def results_table(
                 row = {
                     "run": d.name,
                     "model": cfg.get("model"),
-                    "method": "none" if _is_unpruned(cfg) else cfg["method"],
-                    "budget": None if _is_unpruned(cfg) else cfg.get("budget"),
+                    "method": UNPRUNED if is_unpruned_run(cfg) else cfg["method"],
+                    "budget": None if is_unpruned_run(cfg) else cfg.get("budget"),
                     "options": json.dumps(cfg.get("options") or {}, sort_keys=True),
                     "task": task,
                     "metric": name,
@@ -193,14 +191,14 @@ def paper_layout(
         raise ValueError("no runs to tabulate")
     long = long.copy()
     long["column"] = long["task"].map(_column)
-    full = long[long["method"] == "none"].set_index(["model", "task"])["value"]
-    full_tokens = long[long["method"] == "none"].groupby("model")["visual_tokens"].mean()
+    full = long[long["method"] == UNPRUNED].set_index(["model", "task"])["value"]
+    full_tokens = long[long["method"] == UNPRUNED].groupby("model")["visual_tokens"].mean()
     rows: dict[tuple, dict[str, float]] = {}
     for _, r in long.iterrows():
-        unpruned = r["method"] == "none"
+        unpruned = r["method"] == UNPRUNED
         budget = full_tokens.get(r["model"]) if unpruned else r["budget"]
         budget = int(round(budget)) if budget is not None and not pd.isna(budget) else "all"
-        key = (r["model"], budget, PAPER_METHOD.get(r["method"], r["method"]), r["options"])
+        key = (r["model"], budget, paper_label(r["method"]), r["options"])
         raw = rows.setdefault((*key, "raw"), {})
         raw[r["column"]] = r["value"]
         if "ci_low" in r and not pd.isna(r.get("ci_low")):
@@ -220,7 +218,7 @@ def paper_layout(
     df = df[ordered].reset_index()
     # the paper's order: budget high to low (unpruned first), then method
     df["_b"] = df["budget"].map(lambda b: math.inf if b == "all" else b)
-    df["_u"] = df["method"] != PAPER_METHOD["none"]
+    df["_u"] = df["method"] != paper_label(UNPRUNED)
     df = df.sort_values(
         ["model", "_u", "_b", "method", "options", "kind"], ascending=[True, True, False, True, True, True]
     )

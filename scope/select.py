@@ -20,20 +20,29 @@ each step rescores only the few candidates whose bound could still win.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from .methods import PRE_LLM, get_method, names
+
 __all__ = [
-    "METHODS",
     "Pruned",
     "prune",
     "select",
     "cosine_similarity_matrix",
     "scope_greedy_reference",
     "scope_greedy_fast",
+    "select_scope",
+    "select_coverage",
+    "select_saliency",
+    "select_random",
+    "select_uniform",
+    "select_divprune",
+    "merge_visionzip",
+    "visionzip_counts",
+    "uniform_indices",
 ]
 
 
@@ -402,7 +411,7 @@ def _gains_into(buf: torch.Tensor, sim: torch.Tensor, cover: torch.Tensor, idx=N
     return out
 
 
-def _scope(features, saliency, budget, alpha: float = 1.0, combine: str = "mul", impl: str = "fast"):
+def select_scope(features, saliency, budget, alpha: float = 1.0, combine: str = "mul", impl: str = "fast"):
     if impl == "fast":
         return scope_greedy_fast(features, saliency, budget, alpha=alpha, combine=combine)
     if impl == "reference":
@@ -410,9 +419,9 @@ def _scope(features, saliency, budget, alpha: float = 1.0, combine: str = "mul",
     raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
 
 
-def _coverage(features, saliency, budget, impl: str = "fast"):
+def select_coverage(features, saliency, budget, impl: str = "fast"):
     """SCOPE with alpha = 0: pure facility-location coverage, saliency ignored."""
-    return _scope(features, None, budget, alpha=0.0, impl=impl)
+    return select_scope(features, None, budget, alpha=0.0, impl=impl)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -425,12 +434,12 @@ def _topk_first_index(score: torch.Tensor, k: int) -> torch.Tensor:
     return score.sort(dim=-1, descending=True, stable=True).indices[..., :k].sort(-1).values
 
 
-def _saliency(features, saliency, budget):
+def select_saliency(features, saliency, budget):
     """Top-K tokens by CLS attention (the "saliency-only" ablation; VisionZip's dominant tokens)."""
     return _topk_first_index(_need_saliency("saliency", saliency), budget)
 
 
-def _random(features, saliency, budget, seed: int = 0):
+def select_random(features, saliency, budget, seed: int = 0):
     """K tokens uniformly at random, reproducible from ``seed`` (each sample gets its own draw)."""
     B, N, _ = features.shape
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -464,12 +473,12 @@ def uniform_indices(n: int, budget: int, grid: tuple[int, int] | None = None) ->
     return lattice[pick].sort().values
 
 
-def _uniform(features, saliency, budget, grid: tuple[int, int] | None = None):
+def select_uniform(features, saliency, budget, grid: tuple[int, int] | None = None):
     B, N, _ = features.shape
     return uniform_indices(N, budget, grid).to(features.device).expand(B, budget).clone()
 
 
-def _divprune(features, saliency, budget):
+def select_divprune(features, saliency, budget):
     """DivPrune (Alvar et al., CVPR 2025): greedy max-min cosine distance.
 
     The first pick is the token farthest from its nearest neighbour; each next pick maximises its
@@ -504,7 +513,7 @@ def visionzip_counts(budget: int, n_contextual: int | None = None) -> tuple[int,
     return budget - n_contextual, n_contextual
 
 
-def _visionzip(features, saliency, budget, n_contextual: int | None = None, metric=None):
+def merge_visionzip(features, saliency, budget, n_contextual: int | None = None, metric=None):
     """VisionZip (Yang et al., CVPR 2025): dominant tokens by saliency + merged contextual tokens.
 
     Dominant: the top ``budget - n_contextual`` tokens by CLS attention. Contextual: of the remaining
@@ -549,17 +558,6 @@ def _visionzip(features, saliency, budget, n_contextual: int | None = None, metr
     return Pruned(idx.gather(1, order), feats.gather(1, order[..., None].expand(-1, -1, d)))
 
 
-METHODS: dict[str, Callable] = {
-    "scope": _scope,
-    "coverage": _coverage,
-    "saliency": _saliency,
-    "random": _random,
-    "uniform": _uniform,
-    "divprune": _divprune,
-    "visionzip": _visionzip,
-}
-
-
 # --------------------------------------------------------------------------------------------------------
 # one-call API
 # --------------------------------------------------------------------------------------------------------
@@ -576,28 +574,31 @@ def prune(
 
     Args:
         features: ``[B, N, d]`` or ``[N, d]`` token features (LLaVA: vision layer -2, CLS dropped).
-        saliency: ``[B, N]`` or ``[N]`` CLS attention summed over heads; needed by scope (alpha != 0),
-            saliency and visionzip.
+        saliency: ``[B, N]`` or ``[N]`` CLS attention summed over heads; needed by the methods whose
+            registry record says so (scope with alpha != 0, saliency, visionzip).
         budget: K, the number of tokens kept per sample (1 <= K <= N).
-        method: a name in :data:`METHODS`.
-        **options: method options: ``alpha``, ``combine`` ("mul"|"add"), ``impl`` ("fast"|"reference")
-            for scope; ``seed`` for random; ``grid`` for uniform; ``n_contextual``, ``metric`` for visionzip.
+        method: a pre-LLM method of the registry (:data:`scope.METHODS`, :func:`scope.methods.names`).
+        **options: the method's options (its record lists them with their defaults), e.g. ``alpha``,
+            ``combine`` ("mul"|"add"), ``impl`` ("fast"|"reference") for scope; ``seed`` for random.
 
     Returns:
         :class:`Pruned` ``(indices [B, K] ascending, features [B, K, d])`` (unbatched in, unbatched out),
         features in the input's dtype.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    record = get_method(method)
+    if record.stage != PRE_LLM:
+        raise ValueError(
+            f"method {record.name!r} is not a selection method (stage {record.stage!r}); "
+            f"scope.select / scope.prune take one of {names(PRE_LLM)}"
+        )
+    options = record.check_options(options)
     feats, sal, unbatched = _prepare(features, saliency, budget)
-    if "metric" in options and options["metric"] is not None and options["metric"].dim() == 2:
-        options["metric"] = options["metric"].unsqueeze(0)
-    try:
-        out = METHODS[method](feats, sal, int(budget), **options)
-    except TypeError as err:
-        if "unexpected keyword argument" in str(err):
-            raise ValueError(f"method {method!r} got an unknown option: {err}") from None
-        raise
+    if sal is None and record.needs_saliency(options):
+        raise ValueError(f"method={record.name!r} needs a saliency tensor (CLS attention), got saliency=None")
+    metric = options.get("metric")
+    if isinstance(metric, torch.Tensor) and metric.dim() == 2:
+        options["metric"] = metric.unsqueeze(0)
+    out = record.function(feats, sal, int(budget), **options)
     if isinstance(out, Pruned):
         idx, kept = out.indices, out.features.to(features.dtype)
     else:

@@ -17,48 +17,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.colors import to_rgb
 from matplotlib.patches import Rectangle
 
-# Method name (as in scope.METHODS / the runner) -> how figures and tables print it.
-METHOD_LABELS: dict[str, str] = {
-    "none": "All tokens",
-    "scope": "SCOPE",
-    "coverage": "Coverage-only",
-    "saliency": "Saliency-only",
-    "random": "Random",
-    "uniform": "Uniform grid",
-    "divprune": "DivPrune",
-    "visionzip": "VisionZip",
-    "fastv": "FastV",
-    "pdrop": "PDrop",
-    "sparsevlm": "SparseVLM",
-}
-# A fixed slot in the colour-blind palette per method: the colour of a method never depends on which other
-# methods share the plot. SCOPE gets the strongest blue, the all-token reference black.
-_COLOR_SLOT = {
-    "scope": 0,
-    "saliency": 1,
-    "coverage": 2,
-    "random": 7,
-    "visionzip": 3,
-    "divprune": 4,
-    "uniform": 5,
-    "fastv": 8,
-    "pdrop": 9,
-    "sparsevlm": 6,
-}
-_MARKERS = {
-    "scope": "o",
-    "saliency": "s",
-    "coverage": "^",
-    "random": "X",
-    "visionzip": "D",
-    "divprune": "v",
-    "uniform": "P",
-    "fastv": "<",
-    "pdrop": ">",
-    "none": "*",
-}
+from scope.methods import METHODS, PALETTE, UNPRUNED, from_paper_label
 
 
 def set_style(context: str = "notebook") -> None:
@@ -77,33 +39,30 @@ def set_style(context: str = "notebook") -> None:
 
 
 def method_label(method: str) -> str:
-    """Printable name of a method ("scope" -> "SCOPE"); unknown names are returned unchanged."""
-    return METHOD_LABELS.get(method, method)
+    """Printable name of a method, from its registry record ("scope" -> "SCOPE"); unknown names unchanged."""
+    record = METHODS.get(method)
+    return record.label if record is not None else method
 
 
 def method_colors(methods: Iterable[str] | None = None) -> dict[str, tuple[float, float, float]]:
-    """A colour per method, stable across figures. Unknown methods take the free palette slots in order."""
-    methods = list(METHOD_LABELS) if methods is None else list(methods)
-    palette = sns.color_palette("colorblind", 10)
+    """A colour per method, stable across figures (the registry's); unregistered names take spare colours."""
+    methods = list(METHODS) if methods is None else list(methods)
+    used = {METHODS[m].color for m in METHODS if METHODS[m].color}
+    spare = iter([c for c in PALETTE if c not in used] + list(PALETTE))
     colors: dict[str, tuple[float, float, float]] = {}
-    free = [i for i in range(10) if i not in _COLOR_SLOT.values()]
     for m in methods:
-        if m == "none":
-            colors[m] = (0.0, 0.0, 0.0)
-        elif m in _COLOR_SLOT:
-            colors[m] = tuple(palette[_COLOR_SLOT[m]])
-        else:
-            slot = free.pop(0) if free else len(colors) % 10
-            colors[m] = tuple(palette[slot])
+        record = METHODS.get(m)
+        color = record.color if record is not None and record.color else next(spare)
+        colors[m] = tuple(float(v) for v in to_rgb(color))
     return colors
 
 
 def method_markers(methods: Iterable[str]) -> dict[str, str]:
     """A marker per method (shape as well as colour, so curves stay apart in grey-scale print)."""
     methods = list(methods)
-    used = {_MARKERS[m] for m in methods if m in _MARKERS}
+    used = {METHODS[m].marker for m in methods if m in METHODS}
     spare = iter([m for m in "hpd8H*o" if m not in used])
-    return {m: _MARKERS.get(m) or next(spare, "o") for m in methods}
+    return {m: METHODS[m].marker if m in METHODS else next(spare, "o") for m in methods}
 
 
 def token_grid(n_tokens: int) -> tuple[int, int]:
@@ -292,7 +251,7 @@ def _check_columns(df: pd.DataFrame, needed: Sequence[str], arg: str = "data") -
 
 def _method_order(methods: Iterable[str]) -> list[str]:
     methods = list(dict.fromkeys(methods))
-    known = [m for m in _MARKERS if m in methods]
+    known = [m for m in METHODS if m in methods]
     return known + [m for m in methods if m not in known]
 
 
@@ -567,7 +526,7 @@ def results_long(run_dirs: Iterable, ci: bool = False, n_boot: int = 200, seed: 
     for d in report._run_dirs(run_dirs):
         run = report.load_run(d)
         cfg = run["config"]
-        unpruned = cfg.get("method") in (None, "none", "vanilla", "full")
+        unpruned = report.is_unpruned_run(cfg)
         for task, res in run["results"]["tasks"].items():
             metrics = res.get("metrics", {})
             if task == "synthbench":
@@ -582,7 +541,7 @@ def results_long(run_dirs: Iterable, ci: bool = False, n_boot: int = 200, seed: 
                 row = {
                     "run": d.name,
                     "model": cfg.get("model"),
-                    "method": "none" if unpruned else cfg["method"],
+                    "method": UNPRUNED if unpruned else cfg["method"],
                     "budget": (round(tokens) if tokens is not None else None)
                     if unpruned
                     else cfg.get("budget"),
@@ -619,7 +578,7 @@ def paper_style(long: pd.DataFrame, relative: bool = True) -> pd.DataFrame:
     raw = long.pivot_table(index=key, columns="column", values="value", aggfunc="first")[columns]
     parts = [raw.assign(kind="raw")]
     if relative:
-        base = long[long["method"] == "none"].groupby("column")["value"].first().replace(0.0, math.nan)
+        base = long[long["method"] == UNPRUNED].groupby("column")["value"].first().replace(0.0, math.nan)
         if base.empty:
             raise ValueError("long has no unpruned run (method 'none'); relative scores need one")
         rel = 100.0 * raw / base.reindex(columns).to_numpy()
@@ -628,7 +587,7 @@ def paper_style(long: pd.DataFrame, relative: bool = True) -> pd.DataFrame:
         parts.append(rel.assign(kind="rel%"))
     out = pd.concat(parts).reset_index()
     out["method"] = out["method"].map(method_label)
-    out["_full"] = out["method"] != method_label("none")
+    out["_full"] = out["method"] != method_label(UNPRUNED)
     out = out.sort_values(
         ["_full", "budget", "method", "options", "kind"], ascending=[True, False, True, True, True]
     )
@@ -643,14 +602,7 @@ def paper_style(long: pd.DataFrame, relative: bool = True) -> pd.DataFrame:
 
 def paper_method(name: str) -> str:
     """A method as the paper's tables print it -> our method key ("SCOPE (Ours)" -> "scope", "PDrop†" -> "pdrop")."""
-    base = name.split("(")[0].replace("†", "").strip().lower()
-    aliases = {
-        "vanilla": "none",
-        "saliency-only": "saliency",
-        "coverage-only": "coverage",
-        "pyramiddrop": "pdrop",
-    }
-    return aliases.get(base, base.replace(" ", ""))
+    return from_paper_label(name)
 
 
 def run_group(model: str | None, tasks: str, limit: int | None, seed: int) -> str:

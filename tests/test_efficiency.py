@@ -7,7 +7,10 @@ import resource
 import pytest
 import torch
 
+from scope import bench
 from scope import efficiency as E
+from scope import latency as L
+from scope.methods import IN_LLM, get_method
 
 # FlopCounterMode counts matmuls only (no norms, softmax, rotary, activations); the closed forms below
 # count the same matmuls, so they should agree exactly. 0.1% tolerance: a counter that missed one
@@ -99,7 +102,7 @@ def test_pruning_reduces_counts_monotonically(small_config, method):
     assert all(a > b for a, b in zip(llm, llm[1:])), llm
     assert all(a > b for a, b in zip(avg, avg[1:])), avg
     assert all(r["total_gflops"] < full["total_gflops"] for r in rows)
-    if method in E.IN_LLM_METHODS:
+    if get_method(method).stage == IN_LLM:
         assert all(r["visual_in"] == n for r in rows)  # every visual token enters the LLM
     else:
         assert [r["visual_in"] for r in rows] == [n // 2, n // 4, n // 8]
@@ -163,7 +166,7 @@ def test_cpu_peak_memory_sees_an_allocation():
         x = torch.ones(1024, 1024)  # 4 MiB
         return (x * 2).sum()
 
-    peak = E._peak_memory(alloc, torch.device("cpu"))
+    peak = L.peak_memory(alloc, torch.device("cpu"))
     if peak != peak:  # NaN: this torch's profiler gives no memory timeline
         pytest.skip("torch profiler without memory events")
     assert peak >= 4 * 2**20
@@ -177,7 +180,7 @@ def test_measured_table_on_a_tiny_model():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two threads spin against the other tests on a shared 2-core box
     try:
-        df = E.latency_table(
+        df = L.latency_table(
             model, processor, (8, 4), ("scope", "fastv"), min_run_time=0.01, decode_tokens=2, memory=False
         )
     finally:
@@ -202,11 +205,11 @@ def test_cli_prints_and_writes_csv(small_config, tmp_path, capsys):
     small_config.save_pretrained(tmp_path / "small")
     out = tmp_path / "flops.csv"
     args = ["--configs", str(tmp_path / "small"), "--methods", "scope", "fastv", "--budgets", "32", "16"]
-    assert E.main([*args, "--skip-latency", "--prompt-tokens", "8", "--csv", str(out)]) == 0
+    assert bench.e2e([*args, "--skip-latency", "--prompt-tokens", "8", "--csv", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "select_share" in printed and "fastv" in printed
     table = pd.read_csv(out)
     assert list(table.method) == ["none", "scope", "fastv", "scope", "fastv"]
     assert (table.total_gflops.iloc[1:] < table.total_gflops.iloc[0]).all()
     with pytest.raises(SystemExit):
-        E.main(["--methods", "nope", "--skip-latency"])
+        bench.e2e(["--methods", "nope", "--skip-latency"])

@@ -7,7 +7,6 @@ import torch
 
 import scope
 from scope.patch import equivalent_tokens, is_patched
-from scope.patch.in_llm import schedule
 from scope.testing import chat_prompt, tiny_images, tiny_llava, tiny_llava_next
 
 N = 16
@@ -20,6 +19,10 @@ def llava():
     model, processor = tiny_llava(seed=3, text_layers=LAYERS)
     yield model, processor
     scope.unpatch(model)
+
+
+def schedule(method, budget, n_visual, num_layers, options):
+    return scope.get_method(method).tokens_per_layer(budget, n_visual, num_layers, options)
 
 
 def _inputs(processor, questions, images):
@@ -39,7 +42,7 @@ def test_schedule_and_equivalent_tokens():
         schedule("fastv", 64, 576, 32, {"layer": 32})
     with pytest.raises(ValueError, match="ratio"):
         schedule("pdrop", None, 576, 32, {"ratio": 1.5})
-    with pytest.raises(ValueError, match="unknown options"):
+    with pytest.raises(ValueError, match="unknown option"):
         schedule("fastv", 64, 576, 32, {"alpha": 1.0})
 
 

@@ -9,8 +9,8 @@ import torch
 
 import scope
 from scope.coverage import set_coverage
+from scope.methods import PRE_LLM, names
 from scope.select import (
-    METHODS,
     cosine_similarity_matrix,
     scope_greedy_fast,
     scope_greedy_reference,
@@ -34,7 +34,7 @@ def inputs(b=2, n=49, d=16, seed=0, dtype=torch.float32):
     return torch.randn(b, n, d, generator=g, dtype=dtype), torch.rand(b, n, generator=g, dtype=dtype)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", names(PRE_LLM))
 def test_every_method_returns_k_unique_sorted_indices(method):
     feats, sal = inputs(b=3, n=49)
     for k in (1, 7, 49):
@@ -45,7 +45,7 @@ def test_every_method_returns_k_unique_sorted_indices(method):
             assert 0 <= int(row.min()) and int(row.max()) < 49
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", names(PRE_LLM))
 def test_deterministic_and_batched_equals_per_sample(method):
     feats, sal = inputs(b=3, n=36)
     a = scope.select(feats, sal, budget=9, method=method)
@@ -232,7 +232,7 @@ def test_half_precision_is_computed_in_fp32_and_returns_input_dtype():
 def test_zero_norm_rows_do_not_produce_nan():
     feats, sal = inputs(b=1, n=25, d=8)
     feats[0, 3] = 0
-    for method in METHODS:
+    for method in names(PRE_LLM):
         p = scope.prune(feats, sal, 5, method=method)
         assert torch.isfinite(p.features).all()
     assert torch.isfinite(cosine_similarity_matrix(feats)).all()

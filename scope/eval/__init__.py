@@ -14,12 +14,11 @@ Tables from run directories: :mod:`scope.report`.
 
 from scope.eval.generate import build_prompt, generate_answers
 from scope.eval.rundir import merge_task, read_jsonl, rescore, summary_table
-from scope.eval.runner import NO_PRUNING, evaluate, sweep
+from scope.eval.runner import evaluate, sweep
 from scope.eval.tasks import ALIASES, TASKS, Task, get_task, parse_tasks
 
 __all__ = [
     "ALIASES",
-    "NO_PRUNING",
     "TASKS",
     "Task",
     "build_prompt",

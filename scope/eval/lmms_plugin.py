@@ -31,7 +31,7 @@ except ImportError as err:  # the extra is optional: say how to get it
 import torch
 
 from scope.eval.generate import build_prompt, generate_answers
-from scope.eval.runner import NO_PRUNING
+from scope.methods import is_unpruned
 
 
 @register_model("scope_llava")
@@ -68,7 +68,7 @@ class ScopeLlava(lmms):
         self.batch_size = int(batch_size)
         self.max_new_tokens = max_new_tokens
         unpatch(self.model)
-        if method not in NO_PRUNING:
+        if not is_unpruned(method):
             patch(self.model, method=method, budget=self.budget, **self.options)
 
     def generate_until(self, requests) -> list[str]:

@@ -35,6 +35,7 @@ from scope.eval.rundir import (
     write_json,
 )
 from scope.eval.tasks import Task, get_task, parse_tasks, prepare
+from scope.methods import IN_LLM, UNPRUNED, get_method, is_unpruned
 
 # Fields of config.json that must agree for a resumed run to continue the same experiment.
 _FINGERPRINT = (
@@ -48,7 +49,6 @@ _FINGERPRINT = (
     "max_new_tokens",
     "task_kwargs",
 )
-NO_PRUNING = ("none", "vanilla", "full")
 
 
 def _dist(rank: int | None, world_size: int | None):
@@ -134,7 +134,7 @@ def evaluate(
         "model": name,
         "revision": revision,
         "method": method,
-        "budget": budget if method not in NO_PRUNING else None,
+        "budget": None if is_unpruned(method) else budget,
         "options": dict(options or {}),
         "limit": limit,
         "seed": seed,
@@ -224,9 +224,9 @@ def _add_equivalent_tokens(
 ) -> None:
     """In-LLM methods (FastV, PDrop) feed the LLM every visual token and drop them inside it: also record the
     layer-averaged visual-token count they amount to, the number the paper compares across methods."""
-    from scope.patch import IN_LLM_METHODS, equivalent_tokens
+    from scope.patch import equivalent_tokens
 
-    if method not in IN_LLM_METHODS or entry.get("mean_kept_tokens") is None:
+    if method is None or get_method(method).stage != IN_LLM or entry.get("mean_kept_tokens") is None:
         return
     cfg = getattr(model.config, "text_config", model.config)
     n_visual = round(entry["mean_kept_tokens"])
@@ -248,7 +248,7 @@ def _pruning(model: Any, method: str | None, budget: int | None, options: dict):
     before = model._scope if is_patched(model) else None
     unpatch(model)
     try:
-        if method in NO_PRUNING:
+        if is_unpruned(method):
             yield
         else:
             patch(model, method=method, budget=budget, **options)
@@ -322,8 +322,8 @@ def sweep(
     the unpruned one), so interrupted sweeps resume per combination. Returns {run name: results}.
     """
     out_root = Path(out_root)
-    runs: list[tuple[str, str, int | None]] = [("none", "none", None)] if include_unpruned else []
-    runs += [(f"{m}-{b}", m, b) for m in methods if m not in NO_PRUNING for b in budgets]
+    runs: list[tuple[str, str, int | None]] = [(UNPRUNED, UNPRUNED, None)] if include_unpruned else []
+    runs += [(f"{m}-{b}", m, b) for m in methods if not is_unpruned(m) for b in budgets]
     out = {}
     for name, m, b in runs:
         out[name] = evaluate(model, processor, tasks, out_dir=out_root / name, method=m, budget=b, **kwargs)

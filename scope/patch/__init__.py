@@ -8,12 +8,12 @@
     with scope.patch(model, method="fastv", budget=64):  # or as a context manager
         model(**inputs)
 
-Methods:
-- every name in ``scope.METHODS`` ("scope", "coverage", "saliency", "random", "uniform", "divprune",
-  "visionzip") prunes *before* the LLM (:mod:`scope.patch.llava`, :mod:`scope.patch.llava_next`):
-  ``budget`` = tokens per image (LLaVA-NeXT: split over crops, see that module);
-- ``"none"`` patches nothing in the computation but goes through the same code path (a control);
-- ``"fastv"`` and ``"pdrop"`` drop visual tokens *inside* the LLM (:mod:`scope.patch.in_llm`):
+Methods (the registry, :mod:`scope.methods`, says which is which):
+- pre-LLM methods (SCOPE and the selection baselines) prune *before* the LLM (:mod:`scope.patch.llava`,
+  :mod:`scope.patch.llava_next`): ``budget`` = tokens per image (LLaVA-NeXT: split over crops);
+- the unpruned method ``"none"`` patches nothing in the computation but goes through the same code path
+  (a control);
+- in-LLM methods (FastV, PDrop) drop visual tokens *inside* the LLM (:mod:`scope.patch.in_llm`):
   ``budget`` = visual tokens per image kept after the (first) pruning layer.
 
 Patching replaces ``forward``/``generate`` (and for in-LLM methods the decoder layers' ``forward``) on the
@@ -51,11 +51,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .llava import PatchState
+from scope.methods import IN_LLM, NONE, get_method, names
 
-__all__ = ["patch", "unpatch", "is_patched", "IN_LLM_METHODS", "equivalent_tokens"]
+from .state import PatchState
 
-IN_LLM_METHODS = ("fastv", "pdrop")
+__all__ = ["patch", "unpatch", "is_patched", "equivalent_tokens"]
+
+# options of the patch itself (not of the method), by model family
+_FAMILY_OPTIONS = {"llava": (), "llava_next": ("keep_newlines",)}
 
 
 class _Handle:
@@ -88,57 +91,68 @@ def _family(model) -> str:
     )
 
 
+def _check(model, family: str, method: str, budget: int | None, options: dict[str, Any]):
+    """The method's record, after every argument is checked (nothing is patched before this returns)."""
+    if not isinstance(method, str):
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(names())}")
+    record = get_method(method)
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"budget must be a positive int, got budget={budget!r}")
+    family_opts = [k for k in options if k in _FAMILY_OPTIONS[family]]
+    if "keep_newlines" in options and family != "llava_next":
+        raise ValueError("option keep_newlines applies to LLaVA-NeXT models only")
+    if family_opts and record.stage == IN_LLM:
+        raise ValueError(f"option(s) {family_opts} apply to pre-LLM methods, not to {method!r}")
+    own = {k: v for k, v in options.items() if k not in family_opts}
+    if record.stage == NONE:
+        if own:
+            raise ValueError(f"method {method!r} takes no options, got {sorted(own)}")
+    elif record.stage == IN_LLM:  # the plan checks budget and options against this model's depth
+        from .in_llm import stage_plan
+
+        stage_plan(method, budget, model.config.text_config.num_hidden_layers, own)
+    else:
+        if budget is None:
+            raise ValueError(f"method {method!r} needs a budget (visual tokens per image), got None")
+        record.check_options(own)
+    return record
+
+
 def patch(model, method: str = "scope", budget: int | None = 64, **options: Any) -> _Handle:
     """Make ``model`` prune visual tokens with ``method`` at ``budget`` tokens per image.
 
     Args:
         model: a transformers ``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration``.
-        method: a selection method of ``scope.METHODS``, ``"none"``, ``"fastv"`` or ``"pdrop"``.
+        method: a name in the method registry (``scope.METHODS``): a pre-LLM selection, ``"none"``, or an
+            in-LLM method (``"fastv"``, ``"pdrop"``).
         budget: visual tokens per image entering the LLM (pre-LLM methods; LLaVA-NeXT splits it evenly
             over crops) or kept after the pruning layer (FastV / first PDrop stage; ``None`` for PDrop means
             the reference schedule ``ratio * N``).
-        **options: passed to the selection method (``alpha``, ``combine``, ``seed``, ``n_contextual`` ...);
-            LLaVA-NeXT: ``keep_newlines``; FastV: ``layer`` (default 2); PDrop: ``layers`` (default
-            8/16/24 scaled to the depth), ``ratio`` (default 0.5).
+        **options: the method's options (``alpha``, ``combine``, ``seed``, ``n_contextual`` ...; FastV:
+            ``layer``; PDrop: ``layers``, ``ratio``); LLaVA-NeXT also takes ``keep_newlines``. Unknown or
+            invalid options raise here, and the model is left as it was.
 
     Returns:
         a handle usable as a context manager (``with scope.patch(m, ...) as m:``); the model is patched
         in place either way. Patching a patched model replaces the previous patch.
     """
-    from scope.select import METHODS
-
     family = _family(model)
-    if not isinstance(method, str) or (method not in METHODS and method not in ("none", *IN_LLM_METHODS)):
-        raise ValueError(
-            f"unknown method {method!r}; choose one of {sorted([*METHODS, 'none', *IN_LLM_METHODS])}"
-        )
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-        raise ValueError(f"budget must be a positive int, got budget={budget!r}")
-    if budget is None and method not in ("none", "pdrop"):
-        raise ValueError(
-            f"budget=None is only meaningful for method 'none' or 'pdrop', got method={method!r}"
-        )
-    if "keep_newlines" in options and family != "llava_next":
-        raise ValueError("option keep_newlines applies to LLaVA-NeXT models only")
+    record = _check(model, family, method, budget, options)
     if is_patched(model):
         unpatch(model)
-
-    if method in IN_LLM_METHODS:
+    if record.stage == IN_LLM:
         from . import in_llm
 
-        state = PatchState(method, budget, dict(options), "in_llm")
+        state = PatchState(record.name, budget, dict(options), "in_llm")
         in_llm.install(model, state)
     else:
         from . import llava
 
-        state = PatchState(method, budget, dict(options), family)
+        state = PatchState(record.name, budget, dict(options), family)
         if family == "llava_next":
             from . import llava_next
 
-            if method == "none":
-                # "none" on NeXT: keep the model's own packing (unpad + newlines) untouched
-                state.saved = {}
-            else:
+            if record.stage != NONE:  # "none" on NeXT keeps the model's own packing (unpad + newlines)
                 llava.install(model, state, encode=llava_next.pruned_image_features)
         else:
             llava.install(model, state)
@@ -173,13 +187,6 @@ def equivalent_tokens(
     """Visual tokens per image averaged over the LLM's layers (how in-LLM methods are compared to pre-LLM ones).
 
     Pre-LLM methods keep ``min(budget, n_visual)`` in every layer; FastV / PDrop keep all ``n_visual``
-    before their pruning layers.
+    before their pruning layers (the method record's ``tokens_per_layer``).
     """
-    if method in IN_LLM_METHODS:
-        from .in_llm import schedule
-
-        counts = schedule(method, budget, n_visual, num_layers, options)
-        return sum(counts) / num_layers
-    if method == "none" or budget is None:
-        return float(n_visual)
-    return float(min(budget, n_visual))
+    return get_method(method).average_tokens(budget, n_visual, num_layers, options)

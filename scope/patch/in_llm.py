@@ -37,14 +37,17 @@ of ``input_ids`` (image tokens cannot be located), ``output_hidden_states`` of p
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .llava import PatchState
+from scope.methods import IN_LLM, get_method, names
 
-__all__ = ["install", "uninstall", "schedule", "stage_plan"]
+from .state import PatchState, left_pack
+
+__all__ = ["install", "uninstall", "stage_plan", "fastv_plan", "pdrop_plan", "last_token_attention", "Stage"]
 
 _CACHE_KEY = "_scope_in_llm"
 
@@ -58,54 +61,41 @@ _CACHE_KEY = "_scope_in_llm"
 class Stage:
     layer: int  # first layer that sees the reduced sequence
     score_layer: int  # whose attention ranks the visual tokens
-    keep: Any  # callable(n_visual_original) -> tokens kept per image in this stage
+    keep: Callable[[int], int]  # tokens of an image of n_visual (original) tokens kept from this stage on
+
+
+def fastv_plan(budget: int | None, num_layers: int, layer: int = 2) -> list[Stage]:
+    """FastV: before ``layer`` keep ``budget`` visual tokens per image, ranked by layer ``layer - 1``."""
+    if not 1 <= layer < num_layers:
+        raise ValueError(f"fastv layer must be an int in [1, {num_layers - 1}], got layer={layer!r}")
+    if budget is None:
+        raise ValueError("fastv needs a budget (visual tokens kept after its layer)")
+    return [Stage(layer, layer - 1, lambda n: min(n, budget))]
+
+
+def pdrop_plan(budget: int | None, num_layers: int, layers=None, ratio: float = 0.5) -> list[Stage]:
+    """PDrop: drops at ``layers`` (default 8/16/24 of 32, scaled to the depth), each ranked by its own layer;
+    stage s keeps ``int(budget * ratio ** s)`` (``budget=None``: ``int(N * ratio ** (s + 1))``)."""
+    if layers is None:
+        layers = sorted({max(1, round(num_layers * x / 32)) for x in (8, 16, 24)})
+    layers = list(layers)
+    if layers[-1] >= num_layers:
+        raise ValueError(f"pdrop layers must be increasing in [1, {num_layers - 1}], got layers={layers!r}")
+
+    def keep(stage: int):
+        if budget is None:
+            return lambda n: max(1, int(n * ratio ** (stage + 1)))
+        return lambda n: max(1, min(n, int(budget * ratio**stage)))
+
+    return [Stage(b, b, keep(s)) for s, b in enumerate(layers)]
 
 
 def stage_plan(method: str, budget: int | None, num_layers: int, options: dict) -> list[Stage]:
-    """The drop points of ``method`` for an LLM with ``num_layers`` layers; validates the options."""
-    opts = dict(options)
-    if method == "fastv":
-        k = opts.pop("layer", 2)
-        if opts:
-            raise ValueError(f"fastv got unknown options {sorted(opts)}; it takes layer")
-        if not isinstance(k, int) or not 1 <= k < num_layers:
-            raise ValueError(f"fastv layer must be an int in [1, {num_layers - 1}], got layer={k!r}")
-        if budget is None:
-            raise ValueError("fastv needs a budget (visual tokens kept after its layer)")
-        return [Stage(k, k - 1, lambda n: min(n, budget))]
-    if method == "pdrop":
-        ratio = opts.pop("ratio", 0.5)
-        layers = opts.pop("layers", None)
-        if opts:
-            raise ValueError(f"pdrop got unknown options {sorted(opts)}; it takes layers, ratio")
-        if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
-            raise ValueError(f"pdrop ratio must be in (0, 1), got ratio={ratio!r}")
-        if layers is None:
-            layers = sorted({max(1, round(num_layers * x / 32)) for x in (8, 16, 24)})
-        layers = list(layers)
-        if not layers or layers != sorted(set(layers)) or layers[0] < 1 or layers[-1] >= num_layers:
-            raise ValueError(
-                f"pdrop layers must be increasing in [1, {num_layers - 1}], got layers={layers!r}"
-            )
-
-        def keep(stage: int):
-            if budget is None:
-                return lambda n: max(1, int(n * ratio ** (stage + 1)))
-            return lambda n: max(1, min(n, int(budget * ratio**stage)))
-
-        return [Stage(b, b, keep(s)) for s, b in enumerate(layers)]
-    raise ValueError(f"unknown in-LLM method {method!r}; choose fastv or pdrop")
-
-
-def schedule(method: str, budget: int | None, n_visual: int, num_layers: int, options: dict) -> list[int]:
-    """Visual tokens of one ``n_visual``-token image seen by each of the ``num_layers`` layers."""
-    counts, current = [], n_visual
-    stages = {s.layer: s for s in stage_plan(method, budget, num_layers, options)}
-    for i in range(num_layers):
-        if i in stages:
-            current = min(current, stages[i].keep(n_visual))
-        counts.append(current)
-    return counts
+    """The drop points of in-LLM ``method`` for an LLM of ``num_layers`` layers; validates the options."""
+    record = get_method(method)
+    if record.stage != IN_LLM:
+        raise ValueError(f"unknown in-LLM method {method!r}; choose one of {names(IN_LLM)}")
+    return record.planner(budget, num_layers, **record.check_options(options))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -198,47 +188,99 @@ def _cache_of(kwargs: dict):
     return kwargs.get("past_key_values") if cache is None else cache
 
 
-def _pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Source index ``[B, Lnew]`` of each slot after dropping rows (left padded) and its validity."""
-    lengths = keep.sum(1)
-    new_len = int(lengths.max())
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-    slots = torch.arange(new_len, device=keep.device)
-    rank = slots[None, :] - (new_len - lengths)[:, None]
-    valid = rank >= 0
-    return order.gather(1, rank.clamp(min=0)), valid
-
-
 # --------------------------------------------------------------------------------------------------------
 # the patch
 # --------------------------------------------------------------------------------------------------------
 
 
-def install(model, state: PatchState) -> None:
-    """Wrap the language model's decoder layers of ``model`` (LLaVA or LLaVA-NeXT) for FastV / PDrop."""
-    lm = model.model.language_model
-    layers = lm.layers
-    impl = model.config.text_config._attn_implementation
-    if impl not in ("sdpa", "eager"):
-        raise ValueError(
-            f"{state.method} supports the sdpa and eager attention implementations, got {impl!r}; "
-            "load the model with attn_implementation='sdpa'"
-        )
-    stages = stage_plan(state.method, state.budget, len(layers), state.options)
-    by_layer = {s.layer: (i, s) for i, s in enumerate(stages)}
-    score_layers = {s.score_layer for s in stages if s.score_layer != s.layer}
-    image_token_id = model.config.image_token_id
-    state.saved = {"hooks": [], "layers": []}
+class InLLMPatch:
+    """Wrappers on the decoder layers of a LLaVA / LLaVA-NeXT language model that drop visual rows.
 
-    def on_model_call(module, args, kwargs):
+    A pre-hook on the model starts a :class:`_Run` per call; each wrapped layer reads it (prefill: drop at the
+    stage layers and swap in the packed mask / positions / RoPE; decoding: the mask of its stage's shorter
+    cache); a hook on the language model's output scatters the rows back to the caller's length.
+    """
+
+    def __init__(self, model, state: PatchState):
+        self.model, self.state = model, state
+        self.lm = model.model.language_model
+        self.layers = self.lm.layers
+        self.impl = model.config.text_config._attn_implementation
+        if self.impl not in ("sdpa", "eager"):
+            raise ValueError(
+                f"{state.method} supports the sdpa and eager attention implementations, got {self.impl!r}; "
+                "load the model with attn_implementation='sdpa'"
+            )
+        self.stages = stage_plan(state.method, state.budget, len(self.layers), state.options)
+        self.compact = get_method(state.method).compact_positions
+        self.by_layer = {s.layer: (i, s) for i, s in enumerate(self.stages)}
+        self.score_layers = {s.score_layer for s in self.stages if s.score_layer != s.layer}
+        self.image_token_id = model.config.image_token_id
+        self.run: _Run | None = None
+        self.hooks: list = []
+        self.saved_forwards: list = []
+
+    # ---- installing
+
+    def install(self) -> None:
+        model = self.model
+        self.hooks.append(model.model.register_forward_pre_hook(self.on_model_call, with_kwargs=True))
+        self.hooks.append(self.lm.register_forward_hook(self.on_lm_output, with_kwargs=True))
+        for i, layer in enumerate(self.layers):
+            self.saved_forwards.append((layer, layer.__dict__.get("forward")))
+            layer.forward = self.wrap(i, layer.forward)
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        for layer, previous in self.saved_forwards:
+            if previous is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.__dict__["forward"] = previous
+        self.hooks, self.saved_forwards, self.run = [], [], None
+
+    # ---- per call
+
+    def on_model_call(self, module, args, kwargs) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = _cache_of(kwargs)
         empty = cache is None or cache.get_seq_length() == 0
-        mask = None if input_ids is None else input_ids == image_token_id
+        mask = None if input_ids is None else input_ids == self.image_token_id
         prefill = bool(empty and mask is not None and bool(mask.any()))
-        state.run = _Run(mask if prefill else None, kwargs.get("attention_mask"), prefill)
+        self.run = _Run(mask if prefill else None, kwargs.get("attention_mask"), prefill)
 
-    def start(run: _Run, hidden: torch.Tensor, kwargs: dict) -> None:
+    def wrap(self, i: int, orig_forward):
+        # stage number of layer i: how many drop points are at or before it
+        stage_of_i = sum(1 for s in self.stages if s.layer <= i)
+
+        @functools.wraps(orig_forward)
+        def forward(hidden_states, *args, **kwargs):
+            run, cache = self.run, _cache_of(kwargs)
+            if run is not None and run.prefill:
+                hidden_states = self.prefill_step(i, run, hidden_states, kwargs, cache)
+            elif stage_of_i > 0 and cache is not None and stage_of_i in getattr(cache, _CACHE_KEY, {}):
+                kwargs.update(self.decode_kwargs(i, stage_of_i, hidden_states, kwargs, cache))
+            return orig_forward(hidden_states, *args, **kwargs)
+
+        return forward
+
+    def prefill_step(self, i: int, run: _Run, hidden: torch.Tensor, kwargs: dict, cache) -> torch.Tensor:
+        """Layer i of a prefill: start the run, drop rows at a stage layer, swap in the current packing."""
+        if i == 0:
+            self.start(run, hidden, kwargs)
+        if run.pruned:  # mask / positions / RoPE of the current (packed) stage
+            kwargs.update(run.kwargs)
+        if i in self.score_layers:
+            run.score_input = (hidden, kwargs["position_embeddings"])
+        if i in self.by_layer:
+            stage_no, stage = self.by_layer[i]
+            hidden = self.drop(i, stage_no, stage, hidden, kwargs, cache)
+            kwargs.update(run.kwargs)
+        run.counts.append(((run.seg >= 0) & run.valid).sum(1))
+        return hidden
+
+    def start(self, run: _Run, hidden: torch.Tensor, kwargs: dict) -> None:
         B, L, _ = hidden.shape
         am = run.attention_mask
         run.valid = torch.ones(B, L, dtype=torch.bool, device=hidden.device) if am is None else am.bool()
@@ -246,46 +288,47 @@ def install(model, state: PatchState) -> None:
         run.orig = torch.arange(L, device=hidden.device).expand(B, L)
         run.pos = kwargs["position_ids"].expand(B, L)
         run.n_images = (run.seg.amax(1) + 1).clamp(min=0)
+        run.first_seg, run.first_valid = run.seg, run.valid
 
-    def drop(i: int, stage_no: int, stage: Stage, hidden: torch.Tensor, kwargs: dict, cache) -> torch.Tensor:
-        run = state.run
-        if stage.score_layer == i:
-            scores = last_token_attention(layers[i], hidden, kwargs["position_embeddings"], run.valid)
-        else:
-            h_in, cos_sin = run.score_input
-            scores = last_token_attention(layers[stage.score_layer], h_in, cos_sin, run.valid)
+    def keep_mask(self, run: _Run, stage: Stage, scores: torch.Tensor) -> torch.Tensor:
+        """Valid text slots, plus each image's ``stage.keep`` best-scored visual slots."""
         keep = run.valid & (run.seg < 0)
-        for b in range(hidden.shape[0]):
+        for b in range(scores.shape[0]):
             for r in range(int(run.n_images[b])):
                 cand = (run.seg[b] == r).nonzero()[:, 0]
                 if cand.numel() == 0:
                     continue
                 n_orig = int((run.first_seg[b] == r).sum())
                 k = min(cand.numel(), stage.keep(n_orig))
-                top = scores[b, cand].topk(k).indices
-                keep[b, cand[top]] = True
-        src, valid = _pack(keep)
-        lengths = valid.sum(1)
+                keep[b, cand[scores[b, cand].topk(k).indices]] = True
+        return keep
+
+    def drop(self, i: int, stage_no: int, stage: Stage, hidden, kwargs: dict, cache) -> torch.Tensor:
+        run = self.run
+        if stage.score_layer == i:
+            scores = last_token_attention(self.layers[i], hidden, kwargs["position_embeddings"], run.valid)
+        else:
+            h_in, cos_sin = run.score_input
+            scores = last_token_attention(self.layers[stage.score_layer], h_in, cos_sin, run.valid)
+        src, valid = left_pack(self.keep_mask(run, stage, scores))
         hidden = hidden.gather(1, src[..., None].expand(-1, -1, hidden.shape[-1]))
         run.seg = torch.where(valid, run.seg.gather(1, src), torch.full_like(src, -1))
         run.orig = torch.where(valid, run.orig.gather(1, src), torch.full_like(src, -1))
-        if state.method == "pdrop":  # compact positions, as the reference renumbers after each drop
+        if self.compact:  # PDrop: compact positions, as the reference renumbers after each drop
             new_pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+            shift = run.first_valid.sum(1) - valid.sum(1)
         else:  # FastV keeps each token's original position
             new_pos = torch.where(valid, run.pos.gather(1, src), torch.zeros_like(src))
-        shift = (
-            run.first_valid.sum(1) - valid.sum(1) if state.method == "pdrop" else torch.zeros_like(lengths)
-        )
+            shift = torch.zeros_like(valid.sum(1))
         run.valid, run.pos, run.pruned, run.stage = valid, new_pos, True, stage_no + 1
         kept = torch.zeros_like(run.first_valid)
         ok = valid & (run.orig >= 0)
         kept[torch.arange(kept.shape[0], device=kept.device)[:, None].expand_as(ok)[ok], run.orig[ok]] = True
         run.kept_slots.append(kept)
-        impl_dtype = hidden.dtype
         run.kwargs = {
-            "attention_mask": _mask_4d(valid, valid.shape[1], impl, impl_dtype),
+            "attention_mask": _mask_4d(valid, valid.shape[1], self.impl, hidden.dtype),
             "position_ids": new_pos,
-            "position_embeddings": lm.rotary_emb(hidden, position_ids=new_pos),
+            "position_embeddings": self.lm.rotary_emb(hidden, position_ids=new_pos),
         }
         if cache is not None:
             per_stage = getattr(cache, _CACHE_KEY, {})
@@ -293,59 +336,32 @@ def install(model, state: PatchState) -> None:
             setattr(cache, _CACHE_KEY, per_stage)
         return hidden
 
-    def decode_kwargs(i: int, stage_no: int, hidden: torch.Tensor, kwargs: dict, cache) -> dict:
+    def decode_kwargs(self, i: int, stage_no: int, hidden: torch.Tensor, kwargs: dict, cache) -> dict:
+        """Mask, positions and RoPE of a decoding step in a layer whose cache holds a stage's kept keys."""
         info = getattr(cache, _CACHE_KEY)[stage_no]
         B, q = hidden.shape[:2]
-        past = cache.layers[layers[i].self_attn.layer_idx].get_seq_length()
+        past = cache.layers[self.layers[i].self_attn.layer_idx].get_seq_length()
         extra = past + q - info["valid"].shape[1]
         valid_kv = torch.cat([info["valid"], info["valid"].new_ones(B, extra)], dim=1)
         pos = kwargs["position_ids"].expand(B, q) - info["shift"][:, None]
         return {
-            "attention_mask": _mask_4d(valid_kv, q, impl, hidden.dtype),
+            "attention_mask": _mask_4d(valid_kv, q, self.impl, hidden.dtype),
             "position_ids": pos,
-            "position_embeddings": lm.rotary_emb(hidden, position_ids=pos),
+            "position_embeddings": self.lm.rotary_emb(hidden, position_ids=pos),
         }
 
-    def wrap(i: int, orig_forward):
-        # stage number of layer i: how many drop points are at or before it
-        stage_of_i = sum(1 for s in stages if s.layer <= i)
-
-        @functools.wraps(orig_forward)
-        def forward(hidden_states, *args, **kwargs):
-            run = getattr(state, "run", None)
-            cache = _cache_of(kwargs)
-            if run is not None and run.prefill:
-                if i == 0:
-                    start(run, hidden_states, kwargs)
-                    run.first_seg, run.first_valid = run.seg, run.valid
-                if run.pruned:  # mask / positions / RoPE of the current (packed) stage
-                    kwargs.update(run.kwargs)
-                if i in score_layers:
-                    run.score_input = (hidden_states, kwargs["position_embeddings"])
-                if i in by_layer:
-                    stage_no, stage = by_layer[i]
-                    hidden_states = drop(i, stage_no, stage, hidden_states, kwargs, cache)
-                    kwargs.update(run.kwargs)
-                run.counts.append(((run.seg >= 0) & run.valid).sum(1))
-            elif stage_of_i > 0 and cache is not None and stage_of_i in getattr(cache, _CACHE_KEY, {}):
-                kwargs.update(decode_kwargs(i, stage_of_i, hidden_states, kwargs, cache))
-            return orig_forward(hidden_states, *args, **kwargs)
-
-        return forward
-
-    def on_lm_output(module, args, kwargs, output):
-        run = getattr(state, "run", None)
-        state.run = None  # per call: a later direct call of the language model must not see it
+    def on_lm_output(self, module, args, kwargs, output):
+        run, self.run = self.run, None  # per call: a later direct call of the language model must not see it
         if run is None or not run.prefill:
             return output
         counts = torch.stack(run.counts, 1)  # [B, layers]
         n_img = run.n_images.clamp(min=1)[:, None]
-        state.last = {
+        self.state.last = {
             "visual_tokens_per_layer": counts,
             "equivalent_tokens": (counts.float().mean(1) / n_img[:, 0]).tolist(),
             "n_images": run.n_images.tolist(),
             "kept_slots": run.kept_slots,
-            "stage_layers": [s.layer for s in stages],
+            "stage_layers": [s.layer for s in self.stages],
         }
         if not run.pruned:
             return output
@@ -358,20 +374,16 @@ def install(model, state: PatchState) -> None:
         output.last_hidden_state = full
         return output
 
-    state.saved["hooks"].append(model.model.register_forward_pre_hook(on_model_call, with_kwargs=True))
-    state.saved["hooks"].append(lm.register_forward_hook(on_lm_output, with_kwargs=True))
-    for i, layer in enumerate(layers):
-        state.saved["layers"].append((layer, layer.__dict__.get("forward")))
-        layer.forward = wrap(i, layer.forward)
+
+def install(model, state: PatchState) -> None:
+    """Wrap the language model's decoder layers of ``model`` (LLaVA or LLaVA-NeXT) for FastV / PDrop."""
+    patch = InLLMPatch(model, state)
+    patch.install()
+    state.saved = {"in_llm": patch}
 
 
 def uninstall(model, state: PatchState) -> None:
     """Remove the hooks and layer wrappers ``install`` added."""
-    for h in state.saved.get("hooks", []):
-        h.remove()
-    for layer, previous in state.saved.get("layers", []):
-        if previous is None:
-            layer.__dict__.pop("forward", None)
-        else:
-            layer.__dict__["forward"] = previous
-    state.run = None
+    patch = state.saved.get("in_llm")
+    if patch is not None:
+        patch.remove()

@@ -30,24 +30,16 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["PatchState", "vision_features", "collapse_placeholders", "install", "uninstall"]
+from scope.methods import NONE, get_method
+from scope.select import prune
 
+from .state import PatchState, left_pack
 
-@dataclass
-class PatchState:
-    """What ``scope.patch`` attached to a model (``model._scope``)."""
-
-    method: str
-    budget: int | None
-    options: dict[str, Any]
-    family: str  # "llava", "llava_next" or "in_llm"
-    saved: dict[str, Any] = field(default_factory=dict)  # instance attributes to restore on unpatch
-    last: dict[str, Any] = field(default_factory=dict)  # token counts of the latest call
+__all__ = ["vision_features", "select_rows", "collapse_placeholders", "install", "uninstall"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -125,16 +117,19 @@ def vision_features(
 def select_rows(
     feats: torch.Tensor, sal: torch.Tensor, keys: torch.Tensor, budget: int, method: str, options: dict
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices ``[n, K]`` (ascending) and rows ``[n, K, d]`` that enter the projector, via ``scope.prune``."""
-    from scope.select import prune
+    """Indices ``[n, K]`` (ascending) and rows ``[n, K, d]`` that enter the projector, via ``scope.prune``.
 
+    A method whose record names a ``keys_option`` (VisionZip's merge metric) gets the tower's attention keys
+    there unless the caller set it.
+    """
     n, N, _ = feats.shape
-    if method == "none" or budget >= N:
+    record = get_method(method)
+    if record.stage == NONE or budget >= N:
         idx = torch.arange(N, device=feats.device).expand(n, N)
         return idx, feats
     opts = dict(options)
-    if method == "visionzip" and opts.get("metric") is None:
-        opts["metric"] = keys  # VisionZip assigns contextual tokens by attention-key cosine
+    if record.keys_option is not None and opts.get(record.keys_option) is None:
+        opts[record.keys_option] = keys
     out = prune(feats, sal, budget, method, **opts)
     return out.indices, out.features.to(feats.dtype)
 
@@ -173,14 +168,7 @@ def collapse_placeholders(
         keep[flat[start + n_out : start + n_in]] = False
         start += n_in
     keep = keep.view(B, L)
-    lengths = keep.sum(1)
-    new_len = int(lengths.max())
-    # slot s of row b takes the (s - (new_len - len_b))-th kept token: left re-padding
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept positions first, in order
-    slots = torch.arange(new_len, device=input_ids.device)
-    src_rank = slots[None, :] - (new_len - lengths)[:, None]  # [B, new_len]
-    valid = src_rank >= 0
-    src = order.gather(1, src_rank.clamp(min=0))
+    src, valid = left_pack(keep)  # rows that lose fewer tokens are re-padded on the left
 
     def take(x: torch.Tensor, fill) -> torch.Tensor:
         return torch.where(valid, x.gather(1, src), torch.full_like(src, fill, dtype=x.dtype))

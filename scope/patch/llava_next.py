@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .llava import PatchState, select_rows, vision_features
+from .llava import select_rows, vision_features
+from .state import PatchState
 
 __all__ = ["pruned_image_features", "crop_counts", "placeholder_counts", "grid_order"]
 
@@ -103,7 +104,7 @@ def pruned_image_features(model, state: PatchState, pixel_values, image_sizes, *
             )
         f, s, kk = feats[start : start + p], sal[start : start + p], keys[start : start + p]
         start += p
-        idx, rows = select_rows(f, s, kk, k, state.method if k < n_tok else "none", options)
+        idx, rows = select_rows(f, s, kk, k, state.method, options)  # k = n_tok keeps every token
         proj = model.model.multi_modal_projector(rows)  # [p, k, D]
         parts = [proj[0]]
         if p > 1:

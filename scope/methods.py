@@ -1,0 +1,386 @@
+"""The method registry: one record per pruning method, read by every other part of the package.
+
+A :class:`Method` says where the method acts (its ``stage``), what runs it, what it needs, which options it
+takes (with defaults and validation), how figures and the paper name and draw it, and how many visual
+tokens each LLM layer sees under it. :mod:`scope.select` runs pre-LLM records, :mod:`scope.patch` installs
+them, :mod:`scope.efficiency` counts their cost, :mod:`scope.eval` and :mod:`scope.report` record and
+tabulate them, :mod:`scope.vis` draws them. Adding a method is one :func:`register` call (or one entry in
+:data:`BUILTIN` for a method that ships with the package), its function and its tests::
+
+    from scope.methods import Method, Option, register
+    register(Method("topnorm", "pre_llm", "Top-norm", fn=my_select, options={"p": Option(2.0, _positive)}))
+
+Stages: ``"pre_llm"`` methods pick the K visual tokens that enter the LLM (``fn(features [B, N, d],
+saliency [B, N] or None, budget, **options)`` returns indices ``[B, K]`` or a :class:`scope.select.Pruned`);
+``"in_llm"`` methods drop visual tokens between decoder layers (``plan(budget, num_layers, **options)``
+returns the drop points, see :mod:`scope.patch.in_llm`); ``"none"`` is the unpruned model.
+
+``fn`` and ``plan`` may be given as ``"module:attribute"`` strings, resolved on first use, so that this
+module imports no other part of the package (everything imports it, it imports nothing back).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "PRE_LLM",
+    "IN_LLM",
+    "NONE",
+    "UNPRUNED",
+    "COMPARED",
+    "Option",
+    "Method",
+    "METHODS",
+    "register",
+    "unregister",
+    "get_method",
+    "names",
+    "is_unpruned",
+    "from_paper_label",
+]
+
+PRE_LLM, IN_LLM, NONE = "pre_llm", "in_llm", "none"
+_STAGES = (PRE_LLM, IN_LLM, NONE)
+UNPRUNED = "none"  # the name of the unpruned method (stage NONE)
+
+# seaborn's colour-blind palette (10 colours): each method owns a fixed colour, so a method is drawn the
+# same in every figure whatever else shares it
+PALETTE = (
+    "#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc",
+    "#ca9161", "#fbafe4", "#949494", "#ece133", "#56b4e9",
+)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------
+# records
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """A method option: its default, a check of a value, and the words that describe valid values."""
+
+    default: Any
+    check: Callable[[Any], bool] | None = None
+    expect: str = ""
+
+    def validate(self, method: str, name: str, value: Any) -> None:
+        if self.check is not None and not _safe(self.check, value):
+            raise ValueError(f"{method} option {name} must be {self.expect}, got {name}={value!r}")
+
+
+def _safe(check: Callable[[Any], bool], value: Any) -> bool:
+    try:
+        return bool(check(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _resolve(target: Callable | str | None) -> Callable | None:
+    if target is None or callable(target):
+        return target
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class Method:
+    """Everything the package knows about one pruning method.
+
+    name: the key users pass (``scope.select(..., method=name)``, ``--method name``).
+    stage: ``"pre_llm"``, ``"in_llm"`` or ``"none"``.
+    label / paper_label: how our figures print it, and how the paper's tables do (``None``: not in the paper).
+    color / marker: a matplotlib colour and marker, the same in every figure.
+    fn: pre-LLM selection function; plan: in-LLM drop schedule (callables or ``"module:attr"``).
+    saliency: whether it needs CLS saliency: a bool, or ``f(options) -> bool`` (SCOPE at alpha = 0 does not).
+    options: name -> :class:`Option`; unknown names and invalid values are refused before anything runs.
+    keys_option: the option that takes the vision tower's attention keys when :mod:`scope.patch` runs it
+        (VisionZip merges by key similarity) unless the caller passed one.
+    compact_positions: in-LLM only: whether RoPE positions are renumbered after a drop (PDrop) or each kept
+        token keeps its own (FastV).
+    budget_optional: in-LLM only: ``budget=None`` is meaningful (PDrop's own ratio schedule).
+    selection_flops: ``f(n, k, d) -> int``: the selection's elementwise work on one ``n``-token crop that
+        FlopCounterMode does not see (its matmuls are counted by running it); 0 when omitted.
+    aliases: other names accepted for it (``"vanilla"`` for ``"none"``).
+    """
+
+    name: str
+    stage: str
+    label: str
+    paper_label: str | None = None
+    color: str | None = None
+    marker: str = "o"
+    fn: Callable | str | None = None
+    plan: Callable | str | None = None
+    saliency: bool | Callable[[Mapping[str, Any]], bool] = False
+    options: Mapping[str, Option] = field(default_factory=dict)
+    keys_option: str | None = None
+    compact_positions: bool = False
+    budget_optional: bool = False
+    selection_flops: Callable[[int, int, int], int] | None = None
+    aliases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.stage not in _STAGES:
+            raise ValueError(f"method {self.name!r}: stage must be one of {_STAGES}, got {self.stage!r}")
+        if self.stage == PRE_LLM and self.fn is None:
+            raise ValueError(f"pre-LLM method {self.name!r} needs fn (its selection function)")
+        if self.stage == IN_LLM and self.plan is None:
+            raise ValueError(f"in-LLM method {self.name!r} needs plan (its drop schedule)")
+
+    @property
+    def function(self) -> Callable:
+        """The selection function (pre-LLM)."""
+        return _resolve(self.fn)
+
+    @property
+    def planner(self) -> Callable:
+        """The drop-schedule function (in-LLM)."""
+        return _resolve(self.plan)
+
+    def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate ``options``; returns them with every default filled in. Unknown names raise."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            takes = ", ".join(self.options) or "no options"
+            raise ValueError(f"method {self.name!r} got unknown option(s) {unknown}; it takes {takes}")
+        for name, value in options.items():
+            self.options[name].validate(self.name, name, value)
+        return {**{k: o.default for k, o in self.options.items()}, **options}
+
+    def needs_saliency(self, options: Mapping[str, Any] | None = None) -> bool:
+        if callable(self.saliency):
+            return bool(self.saliency(self.check_options(dict(options or {}))))
+        return bool(self.saliency)
+
+    def tokens_per_layer(
+        self, budget: int | None, n_visual: int, num_layers: int, options: Mapping[str, Any] | None = None
+    ) -> list[int]:
+        """Visual tokens of one ``n_visual``-token image that each of the ``num_layers`` LLM layers sees."""
+        if self.stage == NONE or (budget is None and self.stage == PRE_LLM):
+            return [n_visual] * num_layers
+        if self.stage == PRE_LLM:
+            return [min(budget, n_visual)] * num_layers
+        stages = {s.layer: s for s in self.planner(budget, num_layers, **self.check_options(options or {}))}
+        counts, current = [], n_visual
+        for i in range(num_layers):
+            if i in stages:
+                current = min(current, stages[i].keep(n_visual))
+            counts.append(current)
+        return counts
+
+    def average_tokens(self, budget, n_visual: int, num_layers: int, options=None) -> float:
+        """Visual tokens per LLM layer, averaged over the layers: how in-LLM methods compare to pre-LLM ones."""
+        return sum(self.tokens_per_layer(budget, n_visual, num_layers, options)) / num_layers
+
+
+# --------------------------------------------------------------------------------------------------------
+# the registry
+# --------------------------------------------------------------------------------------------------------
+
+METHODS: dict[str, Method] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(method: Method, replace: bool = False) -> Method:
+    """Add ``method`` to :data:`METHODS` (and its aliases); ``replace=True`` to redefine a name."""
+    taken = [n for n in (method.name, *method.aliases) if n in METHODS or n in _ALIASES]
+    if taken and not replace:
+        raise ValueError(f"method name(s) {taken} already registered; pass replace=True to redefine")
+    if replace and method.name in METHODS:
+        unregister(method.name)
+    METHODS[method.name] = method
+    for alias in method.aliases:
+        _ALIASES[alias] = method.name
+    return method
+
+
+def unregister(name: str) -> None:
+    """Remove a registered method (tests register toy methods and remove them again)."""
+    method = METHODS.pop(name)
+    for alias in method.aliases:
+        _ALIASES.pop(alias, None)
+
+
+def get_method(name: str | Method) -> Method:
+    """The record of ``name`` (an alias works too); a clear error listing the choices otherwise."""
+    if isinstance(name, Method):
+        return name
+    if isinstance(name, str):
+        key = _ALIASES.get(name, name)
+        if key in METHODS:
+            return METHODS[key]
+    raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+
+
+def names(*stages: str) -> list[str]:
+    """Registered method names of the given stages (all when none given), in registration order."""
+    return [m.name for m in METHODS.values() if not stages or m.stage in stages]
+
+
+def is_unpruned(name: str | None) -> bool:
+    """Whether a run of method ``name`` is the unpruned model (``None`` too: the model as given)."""
+    if name is None:
+        return True
+    return get_method(name).stage == NONE
+
+
+def from_paper_label(label: str) -> str:
+    """Our method name for a row label of the paper's tables: "SCOPE (Ours)" -> "scope", "PDrop†" -> "pdrop",
+    "Vanilla 13B (CVPR'24)" -> "none". A method we do not have comes back as its bare lower-case name
+    ("SparseVLM" -> "sparsevlm")."""
+    key = _bare(label)
+    for m in METHODS.values():
+        spellings = (m.name, m.label, m.paper_label or "", *m.aliases)
+        if key in {_bare(s) for s in spellings} or key.split(" ")[0] in m.aliases:
+            return m.name
+    return key.replace(" ", "")
+
+
+def _bare(label: str) -> str:
+    # "PDrop†" -> "pdrop", "DivPrune (CVPR'25)" -> "divprune", "Uniform grid" -> "uniform grid"
+    return label.split("(")[0].replace("†", "").strip().lower()
+
+
+# --------------------------------------------------------------------------------------------------------
+# option checks
+# --------------------------------------------------------------------------------------------------------
+
+
+def _finite_nonneg(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
+def _int(lo: int | None = None) -> Callable[[Any], bool]:
+    return lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool) and (lo is None or x >= lo)
+
+
+def _one_of(*values) -> Callable[[Any], bool]:
+    return lambda x: x in values
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda x: x is None or check(x)
+
+
+def _grid(x) -> bool:
+    return len(x) == 2 and all(_int(1)(v) for v in x)
+
+
+def _layers(x) -> bool:
+    xs = list(x)
+    return bool(xs) and all(_int(1)(v) for v in xs) and xs == sorted(set(xs))
+
+
+def _ratio(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < 1
+
+
+def _tensor_or_none(x) -> bool:
+    return x is None or hasattr(x, "shape")
+
+
+IMPL = Option("fast", _one_of("fast", "reference"), "'fast' or 'reference'")
+
+
+# --------------------------------------------------------------------------------------------------------
+# closed forms of the selections' elementwise work (see scope.efficiency)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _greedy_coverage_flops(n: int, k: int, d: int) -> int:
+    # row normalisation (3 n d) + K dense greedy steps: max(0, S_uv - c_u) summed over u for every v (3 n^2),
+    # then weighting, argmax and the coverage update (3 n); the lazy greedy does less: an upper bound
+    return 3 * n * d + k * (3 * n * n + 3 * n)
+
+
+def _maxmin_flops(n: int, k: int, d: int) -> int:
+    # normalisation + nearest-neighbour pass (n^2) + K steps of min-update and argmax (2 n)
+    return 3 * n * d + n * n + k * 2 * n
+
+
+def _merge_flops(n: int, k: int, d: int) -> int:
+    # normalisation + one argmax over the contextual similarity + the merge mean
+    return 6 * n * d
+
+
+# --------------------------------------------------------------------------------------------------------
+# the methods that ship with the package
+# --------------------------------------------------------------------------------------------------------
+
+_SEL = "scope.select"
+_IN_LLM = "scope.patch.in_llm"
+
+BUILTIN = (
+    Method(UNPRUNED, NONE, "All tokens", "Vanilla (upper bound)", "#000000", "*", aliases=("vanilla", "full")),
+    Method(
+        "scope", PRE_LLM, "SCOPE", "SCOPE (Ours)", PALETTE[0], "o",
+        fn=f"{_SEL}:select_scope",
+        saliency=lambda o: o["alpha"] != 0,
+        options={
+            "alpha": Option(1.0, _finite_nonneg, "a finite number >= 0"),
+            "combine": Option("mul", _one_of("mul", "add"), "'mul' or 'add'"),
+            "impl": IMPL,
+        },
+        selection_flops=_greedy_coverage_flops,
+    ),
+    Method(
+        "coverage", PRE_LLM, "Coverage-only", "Coverage-only", PALETTE[2], "^",
+        fn=f"{_SEL}:select_coverage", options={"impl": IMPL}, selection_flops=_greedy_coverage_flops,
+    ),
+    Method("saliency", PRE_LLM, "Saliency-only", "Saliency-only", PALETTE[1], "s",
+           fn=f"{_SEL}:select_saliency", saliency=True),
+    Method("random", PRE_LLM, "Random", "Random", PALETTE[7], "X",
+           fn=f"{_SEL}:select_random", options={"seed": Option(0, _int(), "an int")}),
+    Method("uniform", PRE_LLM, "Uniform grid", "Uniform", PALETTE[5], "P", fn=f"{_SEL}:select_uniform",
+           options={"grid": Option(None, _optional(_grid), "None or (rows, cols) of positive ints")}),
+    Method("divprune", PRE_LLM, "DivPrune", "DivPrune", PALETTE[4], "v",
+           fn=f"{_SEL}:select_divprune", selection_flops=_maxmin_flops),
+    Method(
+        "visionzip", PRE_LLM, "VisionZip", "VisionZip", PALETTE[3], "D",
+        fn=f"{_SEL}:merge_visionzip", saliency=True,
+        options={
+            "n_contextual": Option(None, _optional(_int(0)), "None or an int >= 0"),
+            "metric": Option(None, _tensor_or_none, "None or a tensor [B, N, d'] of merge features"),
+        },
+        keys_option="metric", selection_flops=_merge_flops,
+    ),
+    Method("fastv", IN_LLM, "FastV", "FastV", PALETTE[8], "<", plan=f"{_IN_LLM}:fastv_plan",
+           options={"layer": Option(2, _int(1), "an int >= 1")}),
+    Method(
+        "pdrop", IN_LLM, "PDrop", "PDrop†", PALETTE[9], ">", plan=f"{_IN_LLM}:pdrop_plan",
+        options={
+            "layers": Option(None, _optional(_layers), "None or increasing ints >= 1"),
+            "ratio": Option(0.5, _ratio, "a number in (0, 1)"),
+        },
+        compact_positions=True, budget_optional=True, aliases=("pyramiddrop",),
+    ),
+)  # fmt: skip
+
+for _m in BUILTIN:
+    register(_m)
+del _m
+
+
+# the methods the paper's efficiency comparison shows (FLOP and latency tables by default)
+COMPARED = ("scope", "visionzip", "divprune", "random", "fastv", "pdrop")
+
+
+def describe(methods: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """One row per method (name, stage, label, paper label, options with defaults): for docs and notebooks."""
+    return [
+        {
+            "method": m.name,
+            "stage": m.stage,
+            "label": m.label,
+            "paper_label": m.paper_label,
+            "options": {k: o.default for k, o in m.options.items()},
+        }
+        for m in (get_method(n) for n in (methods if methods is not None else METHODS))
+    ]
