@@ -96,38 +96,33 @@ def _print(df: pd.DataFrame, columns: list[str]) -> None:
         print(df[columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
 
 
-def e2e(argv: Sequence[str] | None = None) -> int:
-    """``python -m scope.bench e2e``: the FLOP table of the paper's models and the measured table."""
+def _e2e_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m scope.bench e2e", description=e2e.__doc__)
-    parser.add_argument(
-        "--configs", nargs="+", default=list(PAPER_CONFIGS), help="names in data/configs or folders"
-    )
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
-    parser.add_argument(
-        "--budgets", nargs="+", type=int, default=None, help="default: the paper's per family"
-    )
-    parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
-    parser.add_argument(
-        "--model", default=None, help="model folder for the measured table (default: embedded)"
-    )
-    parser.add_argument(
-        "--latency-budgets", nargs="+", type=int, default=None, help="default: paper ratios x N"
-    )
-    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timed measurement")
-    parser.add_argument("--decode-tokens", type=int, default=16)
-    parser.add_argument(
+    add = parser.add_argument
+    add("--configs", nargs="+", default=list(PAPER_CONFIGS), help="names in data/configs or folders")
+    add("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    add("--budgets", nargs="+", type=int, default=None, help="default: the paper's per family")
+    add("--prompt-tokens", type=int, default=PROMPT_TOKENS)
+    add("--model", default=None, help="model folder for the measured table (default: embedded)")
+    add("--latency-budgets", nargs="+", type=int, default=None, help="default: paper ratios x N")
+    add("--min-run-time", type=float, default=0.2, help="seconds per timed measurement")
+    add("--decode-tokens", type=int, default=16)
+    add(
         "--threads",
         type=int,
         default=1,
         help="torch threads for the measured table (default 1: on a shared CPU, more threads spin against other "
         "processes and scatter the timings)",
     )
-    parser.add_argument("--skip-flops", action="store_true")
-    parser.add_argument("--skip-latency", action="store_true")
-    parser.add_argument(
-        "--csv", default=None, help="write CSV: PATH gets the FLOP table, PATH with -latency the other"
-    )
-    args = parser.parse_args(argv)
+    add("--skip-flops", action="store_true")
+    add("--skip-latency", action="store_true")
+    add("--csv", default=None, help="write CSV: PATH gets the FLOP table, PATH with -latency the other")
+    return parser
+
+
+def e2e(argv: Sequence[str] | None = None) -> int:
+    """``python -m scope.bench e2e``: the FLOP table of the paper's models and the measured table."""
+    args = _e2e_parser().parse_args(argv)
     known = [m for m in names() if get_method(m).stage != NONE]
     for m in args.methods:
         if m not in known:
@@ -136,49 +131,56 @@ def e2e(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     if not args.skip_flops:
-        flops = flops_table(args.configs, args.budgets, args.methods, args.prompt_tokens, progress=True)
-        flops["select_ms_cpu"] = [_selection_ms(r, args.configs) for r in flops.itertuples()]
-        print(
-            f"\n# Prefill FLOPs counted on the meta device (FlopCounterMode): 1 image + {args.prompt_tokens} "
-            "text tokens; LLaVA-NeXT N = 5 x 576 = 2880 split evenly over crops; select = scope.prune on "
-            "random tensors of the real dims + elementwise closed form (dense greedy: an upper bound of the "
-            "lazy one); select_share = (select + saliency) / total; kv_cache_mb in fp16; select_ms_cpu = "
-            "scope.prune per image on this CPU at the real dims."
-        )
-        _print(flops, _FLOP_COLUMNS)
-        if args.csv:
-            flops.to_csv(args.csv, index=False)
+        _e2e_flops(args)
     if not args.skip_latency:
-        if args.model:
-            import scope
-
-            model, processor = scope.load(args.model)
-            model, label = model.eval(), str(args.model)
-        else:
-            model, processor, label = default_model()
-        lat = latency_table(
-            model,
-            processor,
-            args.latency_budgets,
-            args.methods,
-            args.min_run_time,
-            args.decode_tokens,
-            label=label,
-            progress=True,
-        )
-        device = next(model.parameters()).device
-        print(
-            f"\n# Measured on {lat.model.iloc[0]}, {device.type}, {torch.get_num_threads()} threads, batch 1, "
-            f"fastest block of torch.utils.benchmark (median of CUDA events on GPU); decode = {args.decode_tokens} "
-            "tokens; "
-            "select_share = scope.prune time on this image's features / pruned prefill."
-        )
-        _print(lat, _LATENCY_COLUMNS)
-        if args.csv:
-            path = Path(args.csv)
-            lat.to_csv(path.with_name(path.stem + "-latency" + path.suffix), index=False)
+        _e2e_latency(args)
     print(f"\n({time.perf_counter() - started:.1f} s)")
     return 0
+
+
+def _e2e_flops(args) -> None:
+    flops = flops_table(args.configs, args.budgets, args.methods, args.prompt_tokens, progress=True)
+    flops["select_ms_cpu"] = [_selection_ms(r, args.configs) for r in flops.itertuples()]
+    print(
+        f"\n# Prefill FLOPs counted on the meta device (FlopCounterMode): 1 image + {args.prompt_tokens} "
+        "text tokens; LLaVA-NeXT N = 5 x 576 = 2880 split evenly over crops; select = scope.prune on "
+        "random tensors of the real dims + elementwise closed form (dense greedy: an upper bound of the "
+        "lazy one); select_share = (select + saliency) / total; kv_cache_mb in fp16; select_ms_cpu = "
+        "scope.prune per image on this CPU at the real dims."
+    )
+    _print(flops, _FLOP_COLUMNS)
+    if args.csv:
+        flops.to_csv(args.csv, index=False)
+
+
+def _e2e_latency(args) -> None:
+    if args.model:
+        from .load import load
+
+        model, processor = load(args.model)
+        model, label = model.eval(), str(args.model)
+    else:
+        model, processor, label = default_model()
+    lat = latency_table(
+        model,
+        processor,
+        args.latency_budgets,
+        args.methods,
+        args.min_run_time,
+        args.decode_tokens,
+        label=label,
+        progress=True,
+    )
+    device = next(model.parameters()).device
+    print(
+        f"\n# Measured on {lat.model.iloc[0]}, {device.type}, {torch.get_num_threads()} threads, batch 1, "
+        f"fastest block of torch.utils.benchmark (median of CUDA events on GPU); decode = {args.decode_tokens} "
+        "tokens; select_share = scope.prune time on this image's features / pruned prefill."
+    )
+    _print(lat, _LATENCY_COLUMNS)
+    if args.csv:
+        path = Path(args.csv)
+        lat.to_csv(path.with_name(path.stem + "-latency" + path.suffix), index=False)
 
 
 def main(argv=None) -> int:

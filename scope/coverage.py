@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .select import _compute_dtype, cosine_similarity_matrix
+from .select import compute_dtype, cosine_similarity_matrix
 
 __all__ = ["token_coverage", "set_coverage", "theta_coverage", "coverage_gain"]
 
@@ -36,7 +36,7 @@ def _batched(features: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, 
         )
     if not bool(torch.isfinite(feats).all()):
         raise ValueError("features contains NaN or inf")
-    return feats.to(_compute_dtype(feats.dtype)), kept.long(), unbatched
+    return feats.to(compute_dtype(feats.dtype)), kept.long(), unbatched
 
 
 def token_coverage(features: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

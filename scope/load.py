@@ -109,6 +109,23 @@ def _embedded(source: str) -> bool:
     return path.exists() and path.resolve().is_relative_to(Path(paths.DATA_DIR).resolve())
 
 
+# what a save_pretrained folder of a LLaVA model and its processor holds: any one file of each group
+_NEEDED = {
+    "weights": ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"),
+    "image processor config": ("preprocessor_config.json", "processor_config.json"),
+    "tokenizer": ("tokenizer.json", "tokenizer.model"),
+}
+
+
+def _missing_files(folder: Path) -> list[str]:
+    """What a local checkpoint folder lacks, by group ("weights (model.safetensors or ...)")."""
+    return [
+        f"{what} ({' or '.join(names)})"
+        for what, names in _NEEDED.items()
+        if not any((folder / n).exists() for n in names)
+    ]
+
+
 def load(
     model_id_or_path: str | os.PathLike | None = None,
     method: str | None = None,
@@ -155,6 +172,13 @@ def load(
         model = _model_class(config).from_pretrained(source, local_files_only=local_only, **kwargs)
         processor = AutoProcessor.from_pretrained(source, local_files_only=local_only, **hub_kw)
     except OSError as err:  # e.g. config cached but weights not
+        if Path(source).is_dir():
+            missing = _missing_files(Path(source))
+            raise FileNotFoundError(
+                f"could not load the local checkpoint {source}: {err}. "
+                + (f"It lacks {', '.join(missing)}." if missing else "")
+                + " Copy the complete save_pretrained folder there."
+            ) from err
         raise FileNotFoundError(
             f"could not load {source!r} from {'the local cache' if local_only else 'the hub'}: {err}. "
             f"Download the full checkpoint (`huggingface-cli download {source}`) or pass a local directory."

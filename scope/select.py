@@ -63,7 +63,7 @@ class Pruned(NamedTuple):
 # --------------------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # half precision loses the small gain differences the greedy compares: compute in fp32 (fp64 stays)
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -87,9 +87,13 @@ def _prepare(
         raise ValueError(f"features must be floating point, got dtype {features.dtype}")
     unbatched = features.dim() == 2
     feats = features.unsqueeze(0) if unbatched else features
-    B, N, _ = feats.shape
+    B, N, d = feats.shape
+    if B == 0:
+        raise ValueError(f"features has no samples (B = 0), shape {tuple(features.shape)}")
     if N == 0:
         raise ValueError("features has no tokens (N = 0)")
+    if d == 0:
+        raise ValueError(f"features have no dimensions (d = 0), shape {tuple(features.shape)}")
     if isinstance(budget, bool) or not isinstance(budget, int):
         if isinstance(budget, float) and budget.is_integer():
             budget = int(budget)
@@ -109,8 +113,8 @@ def _prepare(
                 f"{tuple(features.shape)} (expected {(N,) if unbatched else (B, N)})"
             )
         _check_finite("saliency", sal)
-        sal = sal.to(device=feats.device, dtype=_compute_dtype(feats.dtype))
-    return feats.to(_compute_dtype(feats.dtype)), sal, unbatched
+        sal = sal.to(device=feats.device, dtype=compute_dtype(feats.dtype))
+    return feats.to(compute_dtype(feats.dtype)), sal, unbatched
 
 
 def _need_saliency(method: str, saliency: torch.Tensor | None) -> torch.Tensor:
@@ -531,6 +535,8 @@ def merge_visionzip(features, saliency, budget, n_contextual: int | None = None,
         metric = features
     elif tuple(metric.shape[:2]) != (B, N):
         raise ValueError(f"metric shape {tuple(metric.shape)} must start with (B, N) = {(B, N)}")
+    else:
+        _check_finite("metric", metric)
     metric = metric.to(features.dtype)
     keep = torch.ones(B, N, dtype=torch.bool, device=features.device)
     keep.scatter_(1, dominant, False)

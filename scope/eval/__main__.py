@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    if not methods:
+        raise SystemExit(f"--method={args.method!r} names no method; give one or more, comma-separated")
     try:
         budgets = [int(b) for b in args.budget.split(",") if b.strip()]
     except ValueError:

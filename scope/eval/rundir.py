@@ -15,10 +15,15 @@ half-written last line is cut off, and merging de-duplicates by index, so nothin
 
 from __future__ import annotations
 
+import datetime as _dt
+import hashlib
 import json
 import os
 import platform
+import socket
 import subprocess
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +55,14 @@ def git_commit() -> str | None:
 
 
 def checkpoint_fingerprint(path: str | Path) -> str | None:
-    """``"sha256:<12 hex>"`` of a local checkpoint's weight files (names, sizes, first and last MiB), or None
-    when ``path`` is not a local folder.
+    """``"sha256:<12 hex>"`` of a local checkpoint's weight files (names and full contents), or None when
+    ``path`` is not a local folder.
 
-    A local folder has no hub revision; this stands in for one, so a retrained checkpoint never resumes (or
-    reuses) runs of the previous weights.
+    A local folder has no hub revision; this stands in for one, so a retrained or altered checkpoint never
+    resumes (or reuses) runs of other weights. Every byte is hashed (a flipped byte anywhere changes it);
+    each file's digest is cached for the process by path, size and modification time, so a 14 GB folder is
+    read once.
     """
-    import hashlib
-
     if not str(path):  # Path("") is the working directory, not a checkpoint
         return None
     folder = Path(path)
@@ -65,15 +70,24 @@ def checkpoint_fingerprint(path: str | Path) -> str | None:
     if not files:
         return None
     h = hashlib.sha256()
-    for f in files:  # name, size, first and last MiB: cheap for a 14 GB folder, and retraining changes them
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with f.open("rb") as fh:
-            h.update(fh.read(1 << 20))
-            if size > 2 << 20:
-                fh.seek(-(1 << 20), 2)
-                h.update(fh.read())
+    for f in files:
+        h.update(f"{f.name}:{_file_digest(f)}".encode())
     return "sha256:" + h.hexdigest()[:12]
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
 
 
 def model_identity(model: Any, model_id: str | None = None) -> tuple[str | None, str | None]:
@@ -93,20 +107,31 @@ def repair_tail(path: Path) -> None:
         path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Records of a JSONL file; a malformed line (a crash mid-write) is skipped."""
+def read_jsonl(path: str | Path, require: tuple[str, ...] = ()) -> list[dict]:
+    """Records of a JSONL file. A malformed line (a crash mid-write), or a record lacking a field of
+    ``require``, is skipped with a warning naming the file and line: it counts as not done, so a resume
+    recomputes it."""
     path = Path(path)
     if not path.exists():
         return []
     out = []
     with path.open() as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             line = line.strip()
-            if line:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                if not line.endswith("}"):  # a half-written last line is expected after a crash: no noise
                     continue
+                rec = None
+            missing = [k for k in require if not isinstance(rec, dict) or k not in rec]
+            if rec is None or missing:
+                what = "is not a JSON object" if rec is None else f"lacks {missing}"
+                warnings.warn(f"{path}:{number} {what}; skipped (a resume recomputes it)", stacklevel=2)
+                continue
+            out.append(rec)
     return out
 
 
@@ -120,7 +145,7 @@ def logged_records(out_dir: Path, task: str) -> dict[int, dict]:
     merged, ranks = _task_files(out_dir, task)
     recs: dict[int, dict] = {}
     for p in [merged, *ranks]:
-        for r in read_jsonl(p):
+        for r in read_jsonl(p, require=("idx",)):
             recs.setdefault(int(r["idx"]), r)
     return recs
 
@@ -131,11 +156,7 @@ def merge_task(out_dir: str | Path, task: str) -> list[dict]:
     merged, ranks = _task_files(out_dir, task)
     recs = [r for _, r in sorted(logged_records(out_dir, task).items())]
     merged.parent.mkdir(parents=True, exist_ok=True)
-    tmp = merged.with_suffix(".jsonl.tmp")
-    with tmp.open("w") as f:
-        for r in recs:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, merged)  # atomic: the old merged file or the new one, never half of it
+    _atomic_write(merged, "".join(json.dumps(r) + "\n" for r in recs))
     for p in ranks:
         p.unlink(missing_ok=True)
     return recs
@@ -175,9 +196,119 @@ def brief_config(cfg: dict) -> dict:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    _atomic_write(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write through a uniquely named temporary file and rename: readers see the old file or the new one,
+    and concurrent writers never share a temporary file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------------
+# opening a run directory: identity, overwrite, lock
+# --------------------------------------------------------------------------------------------------------
+
+
+def _comparable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def open_run_dir(out_dir: Path, config: dict, identity: tuple[str, ...], overwrite: bool) -> dict:
+    """Start or resume the run in ``out_dir`` and write ``config.json``.
+
+    A run already there resumes only if every field of ``identity`` agrees; otherwise it is refused with
+    the differences listed. ``overwrite`` deletes everything of the old run first (logs, results, config).
+    """
+    cfg_path = out_dir / "config.json"
+    if overwrite:
+        clear_run(out_dir)
+    elif cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        diff = {k: (old.get(k), config[k]) for k in identity if old.get(k) != _comparable(config[k])}
+        if diff:
+            lines = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"out_dir={str(out_dir)!r} holds a run with another configuration ({lines}); use a new "
+                "out_dir or overwrite=True (--overwrite)"
+            )
+        config["tasks"] = list(dict.fromkeys(old.get("tasks", []) + config["tasks"]))
+        config["started"] = old.get("started", config["started"])
+        config["resumed"] = old.get("resumed", 0) + 1
+    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+    write_json(cfg_path, config)
+    return config
+
+
+def clear_run(out_dir: Path) -> None:
+    """Remove what a run wrote in ``out_dir`` (config, results, sample logs); other files stay."""
+    for p in [out_dir / "config.json", out_dir / "results.json", *(out_dir / "samples").glob("*.jsonl")]:
+        p.unlink(missing_ok=True)
+
+
+class RunLock:
+    """One process at a time in a run directory: ``<out_dir>/.lock`` names the holder (host, pid, start).
+
+    A second process is refused with the holder's name. A lock left by a dead process on this host is
+    taken over; one from another host must be removed by hand once that run is known to be gone.
+    """
+
+    def __init__(self, out_dir: str | Path):
+        self.path = Path(out_dir) / ".lock"
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = _read_holder(self.path)
+                if _alive(holder):
+                    raise RuntimeError(
+                        f"run directory {str(self.path.parent)!r} is in use by process {holder.get('pid')} "
+                        f"on {holder.get('host')} (since {holder.get('since')}); wait for it to finish, or "
+                        f"delete {self.path} if that process is gone"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale: its process died
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return self
+        raise RuntimeError(f"could not take the lock {self.path}")
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _read_holder(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}  # being written this instant, or garbage: treated as held
+
+
+def _alive(holder: dict) -> bool:
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return True  # another machine (or unreadable): we cannot tell, so it counts as held
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def summary_table(results: dict[str, Any]) -> str:

@@ -24,21 +24,24 @@ import torch
 
 from scope.eval.generate import build_prompt, generate_answers
 from scope.eval.rundir import (
+    RunLock,
     brief_config,
     git_commit,
     logged_records,
     merge_task,
     model_identity,
+    open_run_dir,
     package_versions,
     repair_tail,
     score_records,
     write_json,
 )
 from scope.eval.tasks import Task, get_task, parse_tasks, prepare
-from scope.methods import IN_LLM, UNPRUNED, get_method, is_unpruned
+from scope.methods import IN_LLM, NONE, UNPRUNED, get_method, is_unpruned
 
-# Fields of config.json that must agree for a resumed run to continue the same experiment.
-_FINGERPRINT = (
+# Fields of config.json that make a run's identity: every setting that can change an answer. A resumed run
+# must agree on all of them (batch size: padding changes the arithmetic; dtype: the rounding).
+IDENTITY = (
     "model",
     "revision",
     "method",
@@ -48,6 +51,8 @@ _FINGERPRINT = (
     "seed",
     "max_new_tokens",
     "task_kwargs",
+    "dtype",
+    "batch_size",
 )
 
 
@@ -115,13 +120,12 @@ def evaluate(
 
     Returns the dict written to results.json (only complete on the main process).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be >= 1")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be >= 1")
     task_list = parse_tasks(tasks)
     datasets = {get_task(k).name: v for k, v in (datasets or {}).items()}
-    task_kwargs = task_kwargs or {}
     out_dir = Path(out_dir)
     rank, world_size, state = _dist(rank, world_size)
     is_main = rank == 0
@@ -130,16 +134,17 @@ def evaluate(
     patched = getattr(model, "__dict__", {}).get("_scope")
     if method is None and patched is not None:  # record what the model was patched with (e.g. by scope.load)
         method, budget, options = patched.method, patched.budget, dict(patched.options)
+    _check_pruning(model, method, budget, options or {})  # before anything is written
     config = {
         "model": name,
         "revision": revision,
         "method": method,
-        "budget": None if is_unpruned(method) else budget,
+        "budget": None if is_unpruned(method) and method is not None else budget,
         "options": dict(options or {}),
         "limit": limit,
         "seed": seed,
         "max_new_tokens": max_new_tokens,
-        "task_kwargs": task_kwargs,
+        "task_kwargs": task_kwargs or {},
         "tasks": [t.name for t in task_list],
         "batch_size": batch_size,
         "world_size": world_size,
@@ -150,73 +155,65 @@ def evaluate(
         "git_commit": git_commit(),
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    cfg_path = out_dir / "config.json"
-    if cfg_path.exists() and not overwrite:
-        old = json.loads(cfg_path.read_text())
-        diff = {
-            k: (old.get(k), config[k])
-            for k in _FINGERPRINT
-            if old.get(k) != json.loads(json.dumps(config[k], default=str))
-        }
-        if diff:
-            raise ValueError(
-                f"out_dir={str(out_dir)!r} holds a run with another configuration {diff}; use a new out_dir or overwrite=True"
-            )
-        config["tasks"] = list(dict.fromkeys(old.get("tasks", []) + config["tasks"]))
-        config["started"] = old.get("started", config["started"])
-        config["resumed"] = old.get("resumed", 0) + 1
-    if is_main:
+    with RunLock(out_dir) if is_main else contextlib.nullcontext():
+        if is_main:
+            open_run_dir(out_dir, config, IDENTITY, overwrite)
+        if state is not None:
+            state.wait_for_everyone()
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            for p in (out_dir / "samples").glob("*.jsonl"):
-                p.unlink()
-        write_json(cfg_path, config)
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        results: dict[str, Any] = {"config": brief_config(config), "tasks": {}}
+        with _pruning(model, method, budget, options or {}):
+            for task in task_list:
+                entry = _evaluate_task(model, processor, task, config, datasets, out_dir, rank, state, progress)
+                if is_main:
+                    _add_equivalent_tokens(entry, model, method, budget, options or {})
+                    results["tasks"][task.name] = entry
+        results["elapsed_s"] = round(time.perf_counter() - t0, 2)
+        if is_main:
+            # keep tasks of earlier calls into the same directory (same identity: checked above)
+            path = out_dir / "results.json"
+            old = json.loads(path.read_text()) if path.exists() else {}
+            results["tasks"] = {**old.get("tasks", {}), **results["tasks"]}
+            write_json(path, results)
+    return results
+
+
+def _check_pruning(model: Any, method: str | None, budget: int | None, options: dict) -> None:
+    """Refuse a bad method, budget or option before the run directory is touched."""
+    if method is None:
+        return
+    record = get_method(method)
+    if record.stage == NONE:
+        if options:
+            raise ValueError(f"method {method!r} takes no options, got {sorted(options)}")
+        return
+    from scope.patch import check
+
+    check(model, method, budget, **options)
+
+
+def _evaluate_task(model, processor, task: Task, config: dict, datasets, out_dir: Path, rank, state, progress):
+    """Answer this process's share of ``task``'s questions, then (main process) merge and score them."""
+    limit, seed, world_size = config["limit"], config["seed"], config["world_size"]
+    if task.name in datasets:
+        docs = prepare(task, datasets[task.name], limit)
+    else:
+        docs = task.load(limit=limit, seed=seed, **config["task_kwargs"].get(task.name, {}))
+    n = len(docs)
+    done = set(logged_records(out_dir, task.name))
+    # Shard the full index range, not the remaining list: every process then agrees on who owns which
+    # question whatever the others have already logged, and a resume with another world size still
+    # covers every index exactly once.
+    mine = [i for i in range(rank, n, world_size) if i not in done]
+    batch, mnt = config["batch_size"], config["max_new_tokens"]
+    _run_task(model, processor, task, docs, mine, out_dir, rank, batch, mnt, progress and rank == 0)
     if state is not None:
         state.wait_for_everyone()
-    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
-
-    torch.manual_seed(seed)
-    results: dict[str, Any] = {"config": brief_config(config), "tasks": {}}
-    t0 = time.perf_counter()
-    with _pruning(model, method, budget, options or {}):
-        for task in task_list:
-            if task.name in datasets:
-                docs = prepare(task, datasets[task.name], limit)
-            else:
-                docs = task.load(limit=limit, seed=seed, **task_kwargs.get(task.name, {}))
-            n = len(docs)
-            done = set(logged_records(out_dir, task.name))
-            # Shard the full index range, not the remaining list: every process then agrees on who owns which
-            # question whatever the others have already logged, and a resume with another world size still
-            # covers every index exactly once.
-            mine = [i for i in range(rank, n, world_size) if i not in done]
-            _run_task(
-                model,
-                processor,
-                task,
-                docs,
-                mine,
-                out_dir,
-                rank,
-                batch_size,
-                max_new_tokens,
-                progress and is_main,
-            )
-            if state is not None:
-                state.wait_for_everyone()
-            if is_main:
-                recs = merge_task(out_dir, task.name)
-                results["tasks"][task.name] = score_records(task, recs, n)
-                _add_equivalent_tokens(results["tasks"][task.name], model, method, budget, options or {})
-    results["elapsed_s"] = round(time.perf_counter() - t0, 2)
-    if is_main:
-        # keep tasks of earlier calls into the same directory
-        old = (
-            json.loads((out_dir / "results.json").read_text()) if (out_dir / "results.json").exists() else {}
-        )
-        results["tasks"] = {**old.get("tasks", {}), **results["tasks"]}
-        write_json(out_dir / "results.json", results)
-    return results
+    if rank != 0:
+        return None
+    return score_records(task, merge_task(out_dir, task.name), n)
 
 
 def _add_equivalent_tokens(

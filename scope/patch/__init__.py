@@ -16,6 +16,10 @@ Methods (the registry, :mod:`scope.methods`, says which is which):
 - in-LLM methods (FastV, PDrop) drop visual tokens *inside* the LLM (:mod:`scope.patch.in_llm`):
   ``budget`` = visual tokens per image kept after the (first) pruning layer.
 
+Gradients: the vision tower runs under ``torch.no_grad`` in a pre-LLM patch (its features are only selected
+from), so a patched model in training mode with a trainable tower raises instead of training it silently;
+the projector and the LLM get gradients as usual.
+
 Patching replaces ``forward``/``generate`` (and for in-LLM methods the decoder layers' ``forward``) on the
 *instance*; the class, the weights and the state dict are untouched, and ``unpatch`` deletes the overrides.
 
@@ -55,7 +59,7 @@ from scope.methods import IN_LLM, NONE, get_method, names
 
 from .state import PatchState
 
-__all__ = ["patch", "unpatch", "is_patched", "equivalent_tokens"]
+__all__ = ["patch", "unpatch", "is_patched", "check", "equivalent_tokens"]
 
 # options of the patch itself (not of the method), by model family
 _FAMILY_OPTIONS = {"llava": (), "llava_next": ("keep_newlines",)}
@@ -91,8 +95,16 @@ def _family(model) -> str:
     )
 
 
+def check(model, method: str, budget: int | None = 64, **options: Any):
+    """Check :func:`patch`'s arguments for ``model`` without patching; returns the method's registry record.
+
+    Raises ValueError naming the bad value (unknown method or option, invalid option value, bad budget, an
+    in-LLM layer beyond this model's depth, an option of the wrong model family).
+    """
+    return _check(model, _family(model), method, budget, options)
+
+
 def _check(model, family: str, method: str, budget: int | None, options: dict[str, Any]):
-    """The method's record, after every argument is checked (nothing is patched before this returns)."""
     if not isinstance(method, str):
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(names())}")
     record = get_method(method)

@@ -207,6 +207,15 @@ def pruned_image_features(model, state: PatchState, pixel_values, image_sizes=No
     return list(projected), [N] * n_img, [idx.shape[1]] * n_img
 
 
+def _refuse_tower_training(model) -> None:
+    if model.training and any(p.requires_grad for p in model.model.vision_tower.parameters()):
+        raise RuntimeError(
+            "a scope-patched model runs its vision tower without gradients (the features are only selected "
+            "from); freeze the tower (model.model.vision_tower.requires_grad_(False)) to train the rest, or "
+            "scope.unpatch(model) to train the tower"
+        )
+
+
 def _bind(fn, args, kwargs) -> dict[str, Any]:
     sig = inspect.signature(fn)
     bound = sig.bind_partial(*args, **kwargs)
@@ -261,6 +270,7 @@ def install(model, state: PatchState, encode=pruned_image_features) -> None:
 
     @functools.wraps(orig_forward)
     def forward(*args, **kwargs):
+        _refuse_tower_training(model)
         call = _bind(orig_forward, args, kwargs)
         pv = call.get("pixel_values")
         if pv is None or pv.numel() == 0:
@@ -279,13 +289,24 @@ def install(model, state: PatchState, encode=pruned_image_features) -> None:
         if call.get("attention_mask") is None:
             call.pop("attention_mask")
         shrink = prompt.shape[1] - call["input_ids"].shape[1]
-        if call.get("max_length") is not None:
-            call["max_length"] -= shrink  # max_length counts the prompt, which just got shorter
+        _shift_lengths(call, generation_config or model.generation_config, shrink)
         out = orig_generate(generation_config=generation_config, **call)
         return _restore_prompt(out, prompt, call["input_ids"].shape[1])
 
     model.forward = forward
     model.generate = generate
+
+
+def _shift_lengths(call: dict, config, shrink: int) -> None:
+    """Keep the stopping rules of unpatched ``generate``: ``max_length`` / ``min_length`` count the prompt,
+    which just got ``shrink`` tokens shorter, so they shrink with it unless new-token counts are given (in
+    the call or in the generation config)."""
+    for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+        if call.get(new) is not None or (call.get(total) is None and getattr(config, new, None) is not None):
+            continue
+        value = call.get(total, getattr(config, total, None))
+        if value:
+            call[total] = max(0, value - shrink)
 
 
 def _restore_prompt(out, prompt: torch.Tensor, collapsed_len: int):

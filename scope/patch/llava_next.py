@@ -70,6 +70,39 @@ def grid_order(idx: torch.Tensor, rows: int, cols: int, side: int) -> tuple[torc
     return perm, g_row.flatten()[perm]
 
 
+def _pruned_image(model, method: str, options: dict, f, s, kk, budget: int, image_size, side: int):
+    """One image's kept tokens: ``budget // crops`` per crop, base crop first, then the stitched grid."""
+    p = f.shape[0]
+    k = budget // p
+    if k < 1:
+        raise ValueError(f"budget={budget} is smaller than the {p} crops of an image: each crop needs >= 1")
+    idx, rows = select_rows(f, s, kk, k, method, options)
+    proj = model.model.multi_modal_projector(rows)  # [p, k, D]
+    if p == 1:
+        return idx, proj[0]
+    g_rows, g_cols = grid_shape(model, image_size)
+    perm, _ = grid_order(idx[1:], g_rows, g_cols, side)
+    return idx, torch.cat([proj[0], proj[1:].reshape(-1, proj.shape[-1])[perm]])
+
+
+def _with_newlines(feat, idx, p: int, model, image_size, side: int, newline):
+    """``keep_newlines``: one newline after the last kept token of every stitched grid row that kept
+    something (after the base crop when an image has no grid)."""
+    if p == 1:
+        return torch.cat([feat, newline[None].to(feat)])
+    k = idx.shape[1]
+    g_rows, g_cols = grid_shape(model, image_size)
+    _, row_of = grid_order(idx[1:], g_rows, g_cols, side)
+    base, grid = feat[:k], feat[k:]
+    last_in_row = torch.ones_like(row_of, dtype=torch.bool)
+    last_in_row[:-1] = row_of[1:] != row_of[:-1]
+    pieces, begin = [base], 0
+    for end in (last_in_row.nonzero()[:, 0] + 1).tolist():
+        pieces += [grid[begin:end], newline[None].to(grid)]
+        begin = end
+    return torch.cat(pieces)
+
+
 def pruned_image_features(model, state: PatchState, pixel_values, image_sizes, **vision_kw):
     """Projected kept tokens per image (base first, stitched raster grid) and placeholder counts in/out."""
     if image_sizes is None:
@@ -92,38 +125,17 @@ def pruned_image_features(model, state: PatchState, pixel_values, image_sizes, *
     out, counts_out, kept_idx = [], [], []
     start = 0
     for i, p in enumerate(per_image):
-        k = budget // p
-        if k < 1:
-            raise ValueError(
-                f"budget={budget} is smaller than the {p} crops of image {i}: each crop needs >= 1"
-            )
-        if k > n_tok:
-            raise ValueError(
-                f"budget={budget} gives {k} tokens per crop (budget // {p} crops) but a crop has only "
-                f"{n_tok} tokens; use budget <= {p * n_tok}"
-            )
         f, s, kk = feats[start : start + p], sal[start : start + p], keys[start : start + p]
         start += p
-        idx, rows = select_rows(f, s, kk, k, state.method, options)  # k = n_tok keeps every token
-        proj = model.model.multi_modal_projector(rows)  # [p, k, D]
-        parts = [proj[0]]
-        if p > 1:
-            g_rows, g_cols = grid_shape(model, image_sizes[i])
-            perm, row_of = grid_order(idx[1:], g_rows, g_cols, side)
-            grid = proj[1:].reshape(-1, proj.shape[-1])[perm]
+        if budget >= p * n_tok:  # the budget covers every token: the model's own packing, as unpatched
+            proj = model.model.multi_modal_projector(f)
+            packed, _ = model.model.pack_image_features([proj], image_sizes[i : i + 1], strategy, newline)
+            idx = torch.arange(n_tok, device=f.device).expand(p, n_tok)
+            feat_i = packed[0]
+        else:
+            idx, feat_i = _pruned_image(model, state.method, options, f, s, kk, budget, image_sizes[i], side)
             if keep_newlines:
-                # one newline after the last kept token of every stitched row that kept something
-                last_in_row = torch.ones_like(row_of, dtype=torch.bool)
-                last_in_row[:-1] = row_of[1:] != row_of[:-1]
-                pieces, begin = [], 0
-                for end in (last_in_row.nonzero()[:, 0] + 1).tolist():
-                    pieces += [grid[begin:end], newline[None].to(grid)]
-                    begin = end
-                grid = torch.cat(pieces)
-            parts.append(grid)
-        elif keep_newlines:
-            parts.append(newline[None].to(proj))
-        feat_i = torch.cat(parts)
+                feat_i = _with_newlines(feat_i, idx, p, model, image_sizes[i], side, newline)
         out.append(feat_i)
         counts_out.append(feat_i.shape[0])
         kept_idx.append(idx)
