@@ -1,12 +1,17 @@
-"""Tables from run directories, in the paper's layout, with bootstrap confidence intervals.
+"""Results pipeline: run directories -> one long table -> the paper's layout -> Markdown / CSV.
 
     from scope import report
-    long = report.results_table(["results/none", "results/scope-64"])      # one row per run x task
-    wide = report.paper_layout(["results/none", "results/scope-64"])       # budget x method, raw and rel%
-    print(report.to_markdown(report.compare_to_paper(wide, "table1")))
-    report.paper_table("table1")                                            # the paper's numbers
+    long = report.results_long(["results/none", "results/scope-64"], ci=True)  # one row per run x column
+    wide = report.paper_layout(long)                                             # budget x method, raw and rel%
+    print(report.to_markdown(report.compare_to_paper(report.paper_layout(long, names="paper"), "table1")))
+    report.save_table(wide, "03_table1_ours", source="MiniLLaVA, SynthBench test")  # CSV + Markdown
+    report.paper_table("table1")                                                 # the paper's numbers
 
 CLI: ``python -m scope.report RUN_DIR... [--paper table1] [--out figures/tables/mine]``.
+
+Every table of the package goes through here; :mod:`scope.vis` only draws. The unpruned run is the one whose
+method the registry (:mod:`scope.methods`) puts at the unpruned stage, and tables name methods by their
+registry labels (``names="label"``, as the figures do) or their paper labels (``names="paper"``).
 
 Confidence intervals: percentile bootstrap over questions (over image pairs for MME and over circular
 groups for MMBench, the units their metrics are computed on), seeded, computed from the per-sample JSONL.
@@ -18,16 +23,70 @@ import argparse
 import json
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from scope.eval.rundir import read_jsonl
 from scope.eval.tasks import get_task
-from scope.methods import METHODS, UNPRUNED, is_unpruned
+from scope.methods import METHODS, UNPRUNED, from_paper_label, is_unpruned
 from scope.paths import PAPER_DIR
+
+# SynthBench families -> the paper benchmark each mirrors (column headers of our Table 1 analogue).
+FAMILY_COLUMNS = {
+    "existence": "Exist. (POPE)",
+    "counting": "Count",
+    "attribute": "Attr. (GQA)",
+    "spatial": "Spatial",
+    "reading": "Read (TextVQA)",
+    "choice": "MC (MMB/SQA)",
+}
+OVERALL = "Overall"  # the column of SynthBench's overall accuracy
+FAMILY_TASK = "synthbench"  # the task whose metrics split into the question families above
+# printf format of floats in saved CSV tables (see ``save_table``)
+CSV_FLOAT_FORMAT = "%.6g"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Names
+
+
+def method_label(method: str) -> str:
+    """How our tables and figures print a method: its registry label ("All tokens" for the unpruned model);
+    unknown names unchanged."""
+    record = METHODS.get(method)
+    return record.label if record is not None else method
+
+
+def paper_label(method: str) -> str:
+    """How the paper's tables name ``method`` (its record's paper label, else its label, else the name)."""
+    record = METHODS.get(method)
+    if record is None:
+        return method
+    return record.paper_label or record.label
+
+
+def json_options(options: Mapping | None) -> str:
+    """Options of a run as a short stable string ("" when none): {"alpha": 0.5} -> "alpha=0.5"."""
+    return ", ".join(f"{k}={v}" for k, v in sorted((options or {}).items()))
+
+
+def column_name(task: str, metric: str) -> str:
+    """The table column of a task's metric: the paper's header for a task's main metric (GQA, POPE, MME, ...),
+    a SynthBench family's benchmark analogue ("counting/accuracy" -> "Count"), SynthBench's main metric
+    :data:`OVERALL`, else "<header> <metric>"."""
+    t = get_task(task)
+    header = t.paper_column or t.name
+    if t.name == FAMILY_TASK:
+        family, _, rest = metric.partition("/")
+        if metric == t.main:
+            return OVERALL
+        if rest == "accuracy" and family in FAMILY_COLUMNS:
+            return FAMILY_COLUMNS[family]
+    return header if metric == t.main else f"{header} {metric}"
 
 
 def paper_table(name: str) -> pd.DataFrame:
@@ -76,14 +135,6 @@ def is_unpruned_run(cfg: dict) -> bool:
         return False
 
 
-def paper_label(method: str) -> str:
-    """How the paper's tables name ``method`` (its record's paper label, else its label, else the name)."""
-    record = METHODS.get(method)
-    if record is None:
-        return method
-    return record.paper_label or record.label
-
-
 def bootstrap_ci(
     records: Sequence[dict],
     task: str,
@@ -122,115 +173,196 @@ def bootstrap_ci(
     return (lo, hi)
 
 
-def results_table(
+def _metric_names(task: str, result: dict, metrics: str | Sequence[str]) -> list[str]:
+    """The metrics of one task's results that become rows (see :func:`results_long`)."""
+    reported = result.get("metrics", {})
+    if metrics == "columns":
+        if get_task(task).name != FAMILY_TASK:
+            return [result["main"]]
+        families = [f"{f}/accuracy" for f in FAMILY_COLUMNS if f"{f}/accuracy" in reported]
+        return families + [result["main"]]
+    if metrics == "main":
+        return [result["main"]]
+    if metrics == "all":
+        return list(reported)
+    if isinstance(metrics, str):
+        raise ValueError(f"metrics={metrics!r} must be 'columns', 'main', 'all' or a list of metric names")
+    return [m for m in metrics if m in reported]
+
+
+def _unpruned_budget(results: dict) -> int | None:
+    """The visual tokens an unpruned run fed the LLM (mean over its tasks, rounded): its budget in tables."""
+    kept = [r["mean_kept_tokens"] for r in results.values() if r.get("mean_kept_tokens") is not None]
+    return round(sum(kept) / len(kept)) if kept else None
+
+
+def results_long(
     paths: Iterable[str | Path],
     ci: bool = False,
     n_boot: int = 1000,
     seed: int = 0,
-    metrics: str | Sequence[str] = "main",
+    metrics: str | Sequence[str] = "columns",
 ) -> pd.DataFrame:
-    """One row per (run, task, metric): model, method, budget, options, task, metric, value, n, complete,
-    visual tokens entering the LLM, layer-averaged tokens of in-LLM methods (and ci_low / ci_high with
-    ``ci=True``).
+    """Run directories of ``scope.eval`` (or folders holding them) -> one row per (run, task, metric).
 
-    ``metrics``: "main" (each task's headline metric: accuracy, POPE F1, MME total), "all" (every metric a
-    task reports, e.g. SynthBench per family, POPE per split, MME perception / cognition), or a list of names.
+    Columns: ``run, model, method, budget, options, task, metric, column, value, n, complete, visual_tokens,
+    equivalent_tokens`` (+ ``lo``, ``hi``: a percentile bootstrap interval from the per-sample logs with
+    ``ci=True``). ``column`` is the metric's table header (:func:`column_name`). The unpruned run has method
+    :data:`scope.methods.UNPRUNED` and as budget the visual tokens it fed the LLM; ``options`` is
+    :func:`json_options` of the run's options.
+
+    ``metrics``: "columns" (the paper-like columns: SynthBench's question families and ``Overall``, every
+    other task its headline metric), "main" (each task's headline metric: accuracy, POPE F1, MME total),
+    "all" (every metric a task reports, e.g. POPE per split) or a list of metric names.
     """
+    paths = list(paths)
     rows = []
     for d in _run_dirs(paths):
         run = load_run(d)
-        cfg = run["config"]
-        for task, r in run["results"]["tasks"].items():
-            if metrics == "main":
-                names = [r["main"]]
-            elif metrics == "all":
-                names = list(r["metrics"])
-            else:
-                names = [m for m in metrics if m in r["metrics"]]
-            recs = read_jsonl(d / "samples" / f"{task}.jsonl") if ci else None
-            for name in names:
+        cfg, results = run["config"], run["results"]["tasks"]
+        unpruned = is_unpruned_run(cfg)
+        budget = _unpruned_budget(results) if unpruned else cfg.get("budget")
+        for task, res in results.items():
+            records = read_jsonl(d / "samples" / f"{task}.jsonl") if ci else None
+            for metric in _metric_names(task, res, metrics):
                 row = {
                     "run": d.name,
                     "model": cfg.get("model"),
-                    "method": UNPRUNED if is_unpruned_run(cfg) else cfg["method"],
-                    "budget": None if is_unpruned_run(cfg) else cfg.get("budget"),
-                    "options": json.dumps(cfg.get("options") or {}, sort_keys=True),
+                    "method": UNPRUNED if unpruned else cfg["method"],
+                    "budget": budget,
+                    "options": json_options(cfg.get("options")),
                     "task": task,
-                    "metric": name,
-                    "value": r["metrics"].get(name, r["value"] if name == r["main"] else math.nan),
-                    "n": r["n"],
-                    "complete": r.get("complete", True),
-                    "visual_tokens": r.get("mean_kept_tokens"),
-                    "equivalent_tokens": r.get("equivalent_tokens"),
+                    "metric": metric,
+                    "column": column_name(task, metric),
+                    "value": res.get("metrics", {}).get(
+                        metric, res["value"] if metric == res["main"] else math.nan
+                    ),
+                    "n": res["n"],
+                    "complete": res.get("complete", True),
+                    "visual_tokens": res.get("mean_kept_tokens"),
+                    "equivalent_tokens": res.get("equivalent_tokens"),
                 }
                 if ci:
-                    row["ci_low"], row["ci_high"] = bootstrap_ci(
-                        recs, task, n_boot=n_boot, seed=seed, metric=name
+                    row["lo"], row["hi"] = bootstrap_ci(
+                        records, task, n_boot=n_boot, seed=seed, metric=metric
                     )
                 rows.append(row)
+    if not rows:
+        raise ValueError(f"paths={list(map(str, paths))} hold no finished runs (results.json)")
     return pd.DataFrame(rows)
 
 
-def _column(task: str) -> str:
-    t = get_task(task)
-    return t.paper_column or t.name
+# ----------------------------------------------------------------------------------------------------------
+# The paper's layout
+
+
+def check_columns(df: pd.DataFrame, needed: Sequence[str], arg: str = "data") -> None:
+    """Raise a ValueError naming the columns of ``needed`` that ``df`` (the argument ``arg``) lacks."""
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise ValueError(f"{arg} lacks columns {missing}; it has {list(df.columns)}")
+
+
+def _with_model(long: pd.DataFrame) -> pd.DataFrame:
+    """``long`` with a ``model`` column usable as a group key (missing model names become "")."""
+    model = long["model"].fillna("") if "model" in long.columns else ""
+    return long.assign(model=model)
+
+
+def unpruned_scores(long: pd.DataFrame) -> pd.Series:
+    """The unpruned run's score per (model, column) of a :func:`results_long` table (models missing a name: "")."""
+    long = _with_model(long)
+    return long[long["method"] == UNPRUNED].groupby(["model", "column"])["value"].first()
+
+
+def _relative_rows(raw: pd.DataFrame, long: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """rel% rows of the wide ``raw`` table: each score over its model's unpruned score (x100), plus Avg_rel."""
+    base = unpruned_scores(long).replace(0.0, math.nan)
+    if base.empty:
+        raise ValueError(f"long has no unpruned run (method {UNPRUNED!r}); relative scores need one")
+    models = raw.index.get_level_values("model")
+    denom = base.unstack("column").reindex(index=models, columns=columns).to_numpy()
+    rel = 100.0 * raw[columns] / denom
+    rel["Avg_rel"] = rel[[c for c in columns if c != OVERALL]].mean(axis=1)
+    return rel
+
+
+def _with_intervals(
+    raw: pd.DataFrame, long: pd.DataFrame, key: list[str], columns: list[str]
+) -> pd.DataFrame:
+    """``raw`` with ``<column> lo`` / ``<column> hi`` columns from the ``lo`` / ``hi`` of ``long``."""
+    ends = []
+    for end in ("lo", "hi"):
+        wide = long.pivot_table(index=key, columns="column", values=end, aggfunc="first", sort=False)
+        ends.append(wide.reindex(index=raw.index, columns=columns).add_suffix(f" {end}"))
+    order = [f"{c} {end}" for c in columns for end in ("lo", "hi")]
+    return pd.concat([raw, *ends], axis=1)[columns + order]
 
 
 def paper_layout(
-    paths: Iterable[str | Path] | pd.DataFrame, ci: bool = True, n_boot: int = 1000, seed: int = 0
+    runs: Iterable[str | Path] | pd.DataFrame,
+    ci: bool = True,
+    n_boot: int = 1000,
+    seed: int = 0,
+    *,
+    relative: bool | None = None,
+    names: str = "label",
+    intervals: bool = True,
 ) -> pd.DataFrame:
-    """Runs in the paper's layout: one row per (budget, method, kind) with kind "raw" and "rel%", one
-    column per benchmark (paper names: GQA, MMB, MME, POPE, ...), and ``Avg_rel`` (mean rel%) as in Table 1.
+    """Runs in the paper's layout: one row per (budget, method[, options], kind) with kind "raw" and, when
+    ``relative``, "rel%" (% of the same model's unpruned run), one column per benchmark column of
+    :func:`results_long`, and ``Avg_rel`` (mean rel% over the columns other than ``Overall``) as in Table 1.
 
-    rel% is each score over the unpruned run's score of the same model and task (x100). The unpruned row's
-    budget is the number of visual tokens it fed the LLM. With ``ci=True`` the raw rows also get
-    ``<column> lo`` / ``<column> hi`` (bootstrap interval) columns.
+    ``runs``: a :func:`results_long` table, or run directories (read with ``ci``, ``n_boot``, ``seed``).
+    ``relative``: None -> whenever an unpruned run is present; True without one raises. ``names``: "label"
+    (our figures' names: "All tokens", "SCOPE") or "paper" (the paper's: "Vanilla (upper bound)", "SCOPE
+    (Ours)"). ``intervals``: raw rows also get ``<column> lo`` / ``<column> hi`` when ``runs`` has intervals.
+    Unpruned rows first, then budgets high to low, then method; a ``model`` column only when several models
+    are tabulated, an ``options`` column only when some run has options.
     """
-    long = paths if isinstance(paths, pd.DataFrame) else results_table(paths, ci=ci, n_boot=n_boot, seed=seed)
+    if names not in ("label", "paper"):
+        raise ValueError(f"names={names!r} must be 'label' or 'paper'")
+    long = runs if isinstance(runs, pd.DataFrame) else results_long(runs, ci=ci, n_boot=n_boot, seed=seed)
+    check_columns(long, ["method", "budget", "options", "column", "value"], "long")
     if long.empty:
-        raise ValueError("no runs to tabulate")
-    long = long.copy()
-    long["column"] = long["task"].map(_column)
-    full = long[long["method"] == UNPRUNED].set_index(["model", "task"])["value"]
-    full_tokens = long[long["method"] == UNPRUNED].groupby("model")["visual_tokens"].mean()
-    rows: dict[tuple, dict[str, float]] = {}
-    for _, r in long.iterrows():
-        unpruned = r["method"] == UNPRUNED
-        budget = full_tokens.get(r["model"]) if unpruned else r["budget"]
-        budget = int(round(budget)) if budget is not None and not pd.isna(budget) else "all"
-        key = (r["model"], budget, paper_label(r["method"]), r["options"])
-        raw = rows.setdefault((*key, "raw"), {})
-        raw[r["column"]] = r["value"]
-        if "ci_low" in r and not pd.isna(r.get("ci_low")):
-            raw[f"{r['column']} lo"], raw[f"{r['column']} hi"] = r["ci_low"], r["ci_high"]
-        base = full.get((r["model"], r["task"]))
-        if base is not None and not pd.isna(base) and base != 0:
-            rows.setdefault((*key, "rel%"), {})[r["column"]] = 100.0 * r["value"] / base
-    df = pd.DataFrame.from_dict(rows, orient="index")
-    df.index = pd.MultiIndex.from_tuples(df.index, names=["model", "budget", "method", "options", "kind"])
-    cols = [c for c in dict.fromkeys(long["column"]) if c in df.columns]
-    rel = df.xs("rel%", level="kind")[cols] if "rel%" in df.index.get_level_values("kind") else None
-    df["Avg_rel"] = math.nan
-    if rel is not None:
-        for idx, avg in rel.mean(axis=1).items():
-            df.loc[(*idx, "rel%"), "Avg_rel"] = avg
-    ordered = cols + [c for c in df.columns if c not in cols and c != "Avg_rel"] + ["Avg_rel"]
-    df = df[ordered].reset_index()
-    # the paper's order: budget high to low (unpruned first), then method
-    df["_b"] = df["budget"].map(lambda b: math.inf if b == "all" else b)
-    df["_u"] = df["method"] != paper_label(UNPRUNED)
-    df = df.sort_values(
-        ["model", "_u", "_b", "method", "options", "kind"], ascending=[True, True, False, True, True, True]
+        raise ValueError("long has no rows to tabulate")
+    long = _with_model(long)
+    if long["budget"].isna().any():  # a pruned run without a budget (e.g. PDrop's own ratio schedule)
+        long = long.assign(budget=long["budget"].astype(object).where(long["budget"].notna(), "all"))
+    columns = list(dict.fromkeys(long["column"]))
+    key = ["model", "budget", "method", "options"]
+    raw = long.pivot_table(index=key, columns="column", values="value", aggfunc="first", sort=False)
+    raw = raw.reindex(columns=columns)
+    if relative is None:
+        relative = bool((long["method"] == UNPRUNED).any())
+    parts = [raw.assign(kind="raw")]
+    if intervals and {"lo", "hi"} <= set(long.columns):
+        parts = [_with_intervals(raw, long, key, columns).assign(kind="raw")]
+    if relative:
+        parts.append(_relative_rows(raw, long, columns).assign(kind="rel%"))
+    out = pd.concat(parts).reset_index()
+    out["_pruned"] = out["method"] != UNPRUNED
+    out["_b"] = [math.inf if b == "all" else b for b in out["budget"]]
+    out["method"] = out["method"].map(method_label if names == "label" else paper_label)
+    out = out.sort_values(
+        ["model", "_pruned", "_b", "method", "options", "kind"],
+        ascending=[True, True, False, True, True, True],
     )
-    df = df.drop(columns=["_b", "_u"]).reset_index(drop=True)
-    if (df["options"] == "{}").all():
-        df = df.drop(columns="options")
-    return df
+    out = out.drop(columns=["_pruned", "_b"])
+    if (out["options"] == "").all():
+        out = out.drop(columns="options")
+    if out["model"].nunique() <= 1:
+        out = out.drop(columns="model")
+    lead = [c for c in ["model", "budget", "method", "options", "kind"] if c in out.columns]
+    out = out[lead + [c for c in out.columns if c not in lead]].reset_index(drop=True)
+    out.columns.name = None
+    return out
 
 
 def compare_to_paper(ours: pd.DataFrame, name: str = "table1") -> pd.DataFrame:
     """Our rows next to the paper's table ``name``, on the columns both have (a ``source`` column tells
-    which is which). Intervals of ours are kept as ``<column> lo/hi``."""
+    which is which). Intervals of ours are kept as ``<column> lo/hi``. Lay ours out with ``names="paper"``
+    so that methods read the same in both."""
     paper = paper_table(name).copy()
     paper.insert(0, "source", "paper")
     ours = ours.copy()
@@ -240,31 +372,155 @@ def compare_to_paper(ours: pd.DataFrame, name: str = "table1") -> pd.DataFrame:
     return pd.concat([paper[shared], ours[shared + extra]], ignore_index=True)
 
 
-def to_markdown(df: pd.DataFrame, digits: int = 1) -> str:
-    """A GitHub Markdown table; ``X lo`` / ``X hi`` columns are folded into ``X`` as "v [lo, hi]"."""
-    df = df.copy()
-    for c in [c for c in df.columns if isinstance(c, str) and c.endswith(" lo")]:
-        base, hi = c[:-3], c[:-3] + " hi"
-        if base in df.columns and hi in df.columns:
-
-            def fmt(row, base=base, c=c, hi=hi):
-                v = row[base]
-                if pd.isna(row[c]):
-                    return _fmt(v, digits)
-                return f"{_fmt(v, digits)} [{_fmt(row[c], digits)}, {_fmt(row[hi], digits)}]"
-
-            df[base] = df.apply(fmt, axis=1)
-            df = df.drop(columns=[c, hi])
-    head = "| " + " | ".join(map(str, df.columns)) + " |"
-    sep = "|" + "|".join("---" if df[c].dtype == object else "---:" for c in df.columns) + "|"
-    body = ["| " + " | ".join(_fmt(v, digits) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join([head, sep, *body])
+# ----------------------------------------------------------------------------------------------------------
+# Relative to the unpruned model, ours beside the paper's
 
 
-def _fmt(v: Any, digits: int) -> str:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.{digits}f}"
-    return "" if v is None else str(v)
+def relative_scores(long: pd.DataFrame, column: str | None = None) -> pd.DataFrame:
+    """Pruned runs' scores as % of the unpruned run of the same model (the y axis of Table 1 / 2 figures).
+
+    ``column`` given (e.g. :data:`OVERALL`): that column's rows of ``long``, ``value``/``lo``/``hi`` scaled
+    and ``value`` renamed ``score``. ``column=None``: the mean rel% over all columns per (method, budget),
+    the paper's ``Avg_rel``, as ``score``.
+    """
+    check_columns(long, ["method", "budget", "column", "value"], "long")
+    base = unpruned_scores(long)
+    if base.empty:
+        raise ValueError(f"long has no unpruned run (method {UNPRUNED!r}); relative scores need one")
+    keys = _with_model(long)
+    denom = base.reindex(pd.MultiIndex.from_arrays([keys["model"], keys["column"]])).to_numpy()
+    scaled = long.assign(**{c: 100 * long[c] / denom for c in ["value", "lo", "hi"] if c in long.columns})
+    scaled = scaled[scaled["method"] != UNPRUNED].rename(columns={"value": "score"})
+    if column is not None:
+        return scaled[scaled["column"] == column]
+    return scaled.groupby(["method", "budget"], as_index=False)["score"].mean()
+
+
+def paper_relative(paper: pd.DataFrame, rescale: Callable[[Any], Any] | None = None) -> pd.DataFrame:
+    """The rel% rows of a paper table (:func:`paper_table`) with our method names (pruned methods only) and
+    ``Avg_rel`` as ``score``: the paper's side of :func:`side_by_side`. ``rescale`` maps the paper's budgets
+    onto ours (e.g. LLaVA-NeXT's 640 of 2880 tokens to the same fraction of a smaller model's)."""
+    check_columns(paper, ["budget", "method", "kind", "Avg_rel"], "paper")
+    rel = paper[paper["kind"] == "rel%"].assign(method=lambda d: d["method"].map(from_paper_label))
+    if rescale is not None:
+        rel["budget"] = [rescale(b) for b in rel["budget"]]
+    return rel[rel["method"] != UNPRUNED].rename(columns={"Avg_rel": "score"})
+
+
+def side_by_side(ours: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
+    """One row per method, columns ``ours @<budget>`` and ``paper @<budget>`` (budgets high to low) of the
+    ``score`` of :func:`relative_scores` and :func:`paper_relative`; methods by their labels."""
+    check_columns(ours, ["method", "budget", "score"], "ours")
+    check_columns(paper, ["method", "budget", "score"], "paper")
+    side = ours.pivot_table(index="method", columns="budget", values="score").add_prefix("ours @")
+    prel = paper.pivot_table(index="method", columns="budget", values="score").add_prefix("paper @")
+    side = side.join(prel, how="outer")
+    order = [
+        f"{who} @{b}"
+        for b in sorted(set(ours["budget"]) | set(paper["budget"]), reverse=True)
+        for who in ("ours", "paper")
+    ]
+    side = side[[c for c in order if c in side.columns]].reset_index()
+    side["method"] = side["method"].map(method_label)
+    return side
+
+
+def run_scores(long: pd.DataFrame, runs: Mapping[Any, str], key: str) -> pd.DataFrame:
+    """``value``/``lo``/``hi`` of the named runs of ``long`` (one column's rows), one row per entry of
+    ``runs`` (key -> run name) in its order, with the key in column ``key``; runs not in ``long`` are left
+    out. E.g. an alpha sweep: ``run_scores(overall, {0.5: "scope-64-alpha0.5", 1.0: "scope-64"}, "alpha")``."""
+    check_columns(long, ["run", "value"], "long")
+    values = [c for c in ("value", "lo", "hi") if c in long.columns]
+    rows = []
+    for k, run in runs.items():
+        r = long[long["run"] == run]
+        if len(r):
+            rows.append({key: k, **r.iloc[0][values].to_dict()})
+    return pd.DataFrame(rows, columns=[key, *values])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Markdown and saved tables
+
+
+def _fmt(value: Any, floatfmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, (float, np.floating)):
+        return format(float(value), floatfmt)
+    return str(value)
+
+
+def _fold_intervals(df: pd.DataFrame, floatfmt: str) -> pd.DataFrame:
+    """``X lo`` / ``X hi`` columns folded into ``X`` as "v [lo, hi]" (just "v" where the interval is missing)."""
+    for lo in [c for c in df.columns if isinstance(c, str) and c.endswith(" lo")]:
+        base, hi = lo[:-3], lo[:-3] + " hi"
+        if base not in df.columns or hi not in df.columns:
+            continue
+        df = df.copy()
+        df[base] = [
+            _fmt(v, floatfmt)
+            if pd.isna(a)
+            else f"{_fmt(v, floatfmt)} [{_fmt(a, floatfmt)}, {_fmt(b, floatfmt)}]"
+            for v, a, b in zip(df[base], df[lo], df[hi])
+        ]
+        df = df.drop(columns=[lo, hi])
+    return df
+
+
+def to_markdown(df: pd.DataFrame, floatfmt: str = ".1f", index: bool = False) -> str:
+    """A GitHub pipe table of ``df``: floats formatted with ``floatfmt``, missing values as "–", and
+    ``X lo`` / ``X hi`` columns folded into ``X`` as "v [lo, hi]"."""
+    if index:
+        df = df.reset_index()
+    df = _fold_intervals(df, floatfmt)
+    header = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(_fmt(v, floatfmt).replace("|", "\\|") for v in row) + " |")
+    return "\n".join(lines)
+
+
+def output_dir(figures_dir: str | Path | None = None) -> Path:
+    """The folder figures and tables are written to (created): ``figures_dir``, else the repository's figures/."""
+    if figures_dir is None:
+        from scope.paths import FIGURES_DIR
+
+        figures_dir = FIGURES_DIR
+    path = Path(figures_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_name(name: str) -> None:
+    """Refuse a figure/table name that is not a plain file stem."""
+    if not name or "/" in name or "." in name or name.strip() != name:
+        raise ValueError(f"name={name!r} must be a plain file stem like '01_theta_coverage'")
+
+
+def save_table(
+    df: pd.DataFrame,
+    name: str,
+    source: str,
+    figures_dir: str | Path | None = None,
+    title: str | None = None,
+    floatfmt: str = ".1f",
+) -> list[Path]:
+    """Write ``<name>.csv`` and ``<name>.md`` (title, table as :func:`to_markdown`, ``Source:`` line).
+
+    ``source`` says what produced the table, e.g. "MiniLLaVA (data/minillava), SynthBench test, 200 images".
+    The CSV keeps 6 significant digits: enough for any comparison the notebooks make, and it leaves out the
+    float32 noise (~1e-7 relative) that otherwise changes the committed CSVs from one host to another.
+    """
+    check_name(name)
+    if not source:
+        raise ValueError("source must say which model and data produced the table")
+    out = output_dir(figures_dir)
+    csv, md = out / f"{name}.csv", out / f"{name}.md"
+    df.to_csv(csv, index=False, float_format=CSV_FLOAT_FORMAT)
+    text = ([f"**{title}**", ""] if title else []) + [to_markdown(df, floatfmt), "", f"Source: {source}", ""]
+    md.write_text("\n".join(text))
+    return [csv, md]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ci", action="store_true")
     args = p.parse_args(argv)
-    df = paper_layout(args.runs, ci=not args.no_ci, n_boot=args.n_boot, seed=args.seed)
+    df = paper_layout(args.runs, ci=not args.no_ci, n_boot=args.n_boot, seed=args.seed, names="paper")
     if args.paper:
         df = compare_to_paper(df, args.paper)
     md = to_markdown(df)

@@ -1,16 +1,18 @@
-"""Pictures for the notebooks: kept tokens over an image, coverage and attention-skew curves, result tables.
+"""Pictures for the notebooks: kept tokens over an image, coverage and attention-skew curves, accuracy vs
+budget, the alpha ablation.
 
-Every figure goes through :func:`save_figure` (PNG for the README, PDF for print) and every table through
-:func:`save_table` (CSV for machines, Markdown for people). Both stamp the figure/table with a ``source``
-line (which model, which data, how many samples) so a picture lifted out of the repo still says what made
-it. Colours come from seaborn's colour-blind-safe palette with one fixed colour per method, so SCOPE is
-the same colour in every figure.
+This module only draws; tables (reading runs, the paper's layout, Markdown, saving) are :mod:`scope.report`'s.
+Every figure goes through :func:`save_figure` (PNG for the README, PDF for print), which stamps it with a
+``source`` line (which model, which data, how many samples) so a picture lifted out of the repo still says
+what made it, and writes it where :func:`scope.report.save_table` writes tables. Colours and markers come
+from the method registry (:mod:`scope.methods`, seaborn's colour-blind-safe palette), so a method is the
+same colour in every figure; labels are :func:`scope.report.method_label`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -20,7 +22,8 @@ import seaborn as sns
 from matplotlib.colors import to_rgb
 from matplotlib.patches import Rectangle
 
-from scope.methods import METHODS, PALETTE, UNPRUNED, from_paper_label
+from scope.methods import METHODS, PALETTE
+from scope.report import check_columns, check_name, method_label, output_dir
 
 
 def set_style(context: str = "notebook") -> None:
@@ -36,12 +39,6 @@ def set_style(context: str = "notebook") -> None:
             "pdf.fonttype": 42,  # embed TrueType so PDF text stays editable/searchable
         }
     )
-
-
-def method_label(method: str) -> str:
-    """Printable name of a method, from its registry record ("scope" -> "SCOPE"); unknown names unchanged."""
-    record = METHODS.get(method)
-    return record.label if record is not None else method
 
 
 def method_colors(methods: Iterable[str] | None = None) -> dict[str, tuple[float, float, float]]:
@@ -243,12 +240,6 @@ def plot_kept_tokens(
     return fig
 
 
-def _check_columns(df: pd.DataFrame, needed: Sequence[str], arg: str = "data") -> None:
-    missing = [c for c in needed if c not in df.columns]
-    if missing:
-        raise ValueError(f"{arg} lacks columns {missing}; it has {list(df.columns)}")
-
-
 def _method_order(methods: Iterable[str]) -> list[str]:
     methods = list(dict.fromkeys(methods))
     known = [m for m in METHODS if m in methods]
@@ -261,7 +252,7 @@ def plot_theta_coverage(data: pd.DataFrame, ax: plt.Axes | None = None, title: s
     ``data`` has columns ``method``, ``theta`` and ``coverage`` (a fraction in [0, 1]); several rows per
     (method, theta) -- one per image -- are averaged, with a 95% bootstrap band.
     """
-    _check_columns(data, ["method", "theta", "coverage"])
+    check_columns(data, ["method", "theta", "coverage"])
     ax = ax or plt.gca()
     df = data.assign(coverage_pct=100.0 * data["coverage"], label=data["method"].map(method_label))
     order = _method_order(df["method"])
@@ -317,7 +308,7 @@ def plot_attention_skew(
     mean, std = share.mean(0), share.std(0)
     rank = np.arange(1, share.shape[1] + 1)
     ax = ax or plt.gca()
-    color = color if color is not None else method_colors(["saliency"])["saliency"]
+    color = color if color is not None else "0.25"
     ax.plot(rank, mean, color=color, lw=2, label=f"mean over {att.shape[0]} images")
     ax.fill_between(rank, np.maximum(mean - std, 0), mean + std, color=color, alpha=0.25, label="±1 std")
     ax.axhline(100.0 / att.shape[1], color="0.3", ls="--", lw=1, label=f"uniform (1/{att.shape[1]})")
@@ -345,7 +336,7 @@ def plot_budget_curves(
     ``data`` has columns ``method``, ``budget`` and ``y``; optional ``lo``/``hi`` columns draw an error
     band (e.g. a bootstrap CI). ``reference`` draws the unpruned model as a dashed line.
     """
-    _check_columns(data, ["method", "budget", y])
+    check_columns(data, ["method", "budget", y])
     ax = ax or plt.gca()
     order = _method_order(data["method"])
     colors, markers = method_colors(order), method_markers(order)
@@ -378,7 +369,7 @@ def plot_family_bars(
     ``data`` has columns ``column``, ``value`` and ``hue`` (``results_long`` rows plus a label); optional
     ``lo``/``hi`` columns draw error bars (e.g. a bootstrap CI). Bars are in the row order of ``data``.
     """
-    _check_columns(data, ["column", "value", hue])
+    check_columns(data, ["column", "value", hue])
     ax = ax or plt.gca()
     columns, groups = list(dict.fromkeys(data["column"])), list(dict.fromkeys(data[hue]))
     width = 0.8 / len(groups)
@@ -400,22 +391,51 @@ def plot_family_bars(
     return ax
 
 
+def plot_alpha_and_combine(
+    alpha: pd.DataFrame,
+    combine: pd.DataFrame,
+    full: float,
+    method: str,
+    reference: tuple[str, float] | None = None,
+    budget: int | None = None,
+) -> plt.Figure:
+    """The alpha ablation (Fig. 6): accuracy vs alpha with its interval band (left), and the two ways of
+    combining coverage gain and saliency as bars with error bars (right), the unpruned model dashed on both.
+
+    ``alpha``: columns ``alpha``, ``value``, ``lo``, ``hi`` (one row per alpha, in plotting order);
+    ``combine``: ``label``, ``value``, ``lo``, ``hi``; ``full``: the unpruned accuracy; ``method``: the method
+    swept (its colour and label); ``reference``: (method, accuracy) drawn dotted as the alpha -> infinity limit
+    (saliency-only at the same budget); ``budget``: the tokens kept, for the titles.
+    """
+    check_columns(alpha, ["alpha", "value", "lo", "hi"], "alpha")
+    check_columns(combine, ["label", "value", "lo", "hi"], "combine")
+    tokens = f"{budget} tokens" if budget is not None else ""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    color = method_colors([method])[method]
+    x = range(len(alpha))
+    label = f"{method_label(method)} (gain × saliency^α)"
+    axes[0].plot(x, alpha["value"], marker="o", color=color, lw=2, label=label)
+    axes[0].fill_between(x, alpha["lo"], alpha["hi"], color=color, alpha=0.15, lw=0)
+    axes[0].set_xticks(list(x), [f"{a:g}" for a in alpha["alpha"]])
+    axes[0].axhline(full, color="black", ls="--", lw=1.2, label="All tokens")
+    if reference is not None:
+        ref, value = reference
+        ref_color = method_colors([ref])[ref]
+        axes[0].axhline(value, color=ref_color, ls=":", lw=1.5, label=f"{method_label(ref)} (α → ∞)")
+    axes[0].set_xlabel("α (exponent on saliency; 0 = coverage-only)")
+    axes[0].set_ylabel("Accuracy (%)")
+    axes[0].set_title("Sensitivity to α" + (f" at {tokens}" if tokens else ""))
+    axes[0].legend(fontsize=8)
+    err = [combine["value"] - combine["lo"], combine["hi"] - combine["value"]]
+    axes[1].bar(combine["label"], combine["value"], yerr=err, color=color, alpha=0.8, capsize=4)
+    axes[1].axhline(full, color="black", ls="--", lw=1.2)
+    axes[1].set_ylabel("Accuracy (%)")
+    axes[1].set_title(f"Combining the two scores (α = 1{', ' + tokens if tokens else ''})")
+    fig.tight_layout()
+    return fig
+
+
 # ---------------------------------------------------------------------------------------------- saving
-
-
-def _out_dir(figures_dir) -> Path:
-    if figures_dir is None:
-        from scope.paths import FIGURES_DIR
-
-        figures_dir = FIGURES_DIR
-    path = Path(figures_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _check_name(name: str) -> None:
-    if not name or "/" in name or "." in name or name.strip() != name:
-        raise ValueError(f"name={name!r} must be a plain file stem like '01_theta_coverage'")
 
 
 def save_figure(fig: plt.Figure, name: str, source: str, figures_dir=None) -> list[Path]:
@@ -423,10 +443,10 @@ def save_figure(fig: plt.Figure, name: str, source: str, figures_dir=None) -> li
 
     ``source`` says what produced the figure, e.g. "MiniLLaVA (data/minillava), SynthBench test, 200 images".
     """
-    _check_name(name)
+    check_name(name)
     if not source:
         raise ValueError("source must say which model and data produced the figure")
-    out = _out_dir(figures_dir)
+    out = output_dir(figures_dir)
     # Put the source line just under everything already drawn (tick labels, legends below the axes).
     box = fig.get_tightbbox(fig.canvas.get_renderer())
     x, y = box.x0 / fig.get_figwidth(), box.y0 / fig.get_figheight()
@@ -437,203 +457,3 @@ def save_figure(fig: plt.Figure, name: str, source: str, figures_dir=None) -> li
         meta = {"CreationDate": None} if p.suffix == ".pdf" else {"Software": None}
         fig.savefig(p, metadata=meta)
     return paths
-
-
-def _fmt(value, floatfmt: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, (float, np.floating)):
-        return format(float(value), floatfmt)
-    return str(value)
-
-
-def to_markdown(df: pd.DataFrame, floatfmt: str = ".1f", index: bool = False) -> str:
-    """A GitHub pipe table of ``df`` (floats formatted with ``floatfmt``, missing values as "–")."""
-    if index:
-        df = df.reset_index()
-    header = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(_fmt(v, floatfmt).replace("|", "\\|") for v in row) + " |")
-    return "\n".join(lines)
-
-
-# printf format of floats in saved CSV tables (see ``save_table``)
-CSV_FLOAT_FORMAT = "%.6g"
-
-
-def save_table(
-    df: pd.DataFrame,
-    name: str,
-    source: str,
-    figures_dir=None,
-    title: str | None = None,
-    floatfmt: str = ".1f",
-) -> list[Path]:
-    """Write ``<name>.csv`` and ``<name>.md`` (title, source line, formatted table).
-
-    The CSV keeps 6 significant digits: enough for any comparison the notebooks make, and it leaves out the
-    float32 noise (~1e-7 relative) that otherwise changes the committed CSVs from one host to another.
-    """
-    _check_name(name)
-    if not source:
-        raise ValueError("source must say which model and data produced the table")
-    out = _out_dir(figures_dir)
-    csv, md = out / f"{name}.csv", out / f"{name}.md"
-    df.to_csv(csv, index=False, float_format=CSV_FLOAT_FORMAT)
-    text = ([f"**{title}**", ""] if title else []) + [to_markdown(df, floatfmt), "", f"Source: {source}", ""]
-    md.write_text("\n".join(text))
-    return [csv, md]
-
-
-def model_name(model: str | None) -> str:
-    """How figures name the model: ``None`` is the embedded MiniLLaVA, anything else its hub id / path."""
-    if model is None:
-        return "MiniLLaVA (embedded, data/minillava)"
-    if str(model).rstrip("/").endswith("minillava-next"):
-        return "MiniLLaVA-NeXT (embedded, data/minillava-next)"
-    if str(model).rstrip("/").endswith("minillava"):
-        return "MiniLLaVA (embedded, data/minillava)"
-    return str(model)
-
-
-# ---------------------------------------------------------------------------------------------- results
-
-# SynthBench families -> the paper benchmark each mirrors (column headers of our Table 1 analogue).
-FAMILY_COLUMNS = {
-    "existence": "Exist. (POPE)",
-    "counting": "Count",
-    "attribute": "Attr. (GQA)",
-    "spatial": "Spatial",
-    "reading": "Read (TextVQA)",
-    "choice": "MC (MMB/SQA)",
-}
-OVERALL = "Overall"
-
-
-def results_long(run_dirs: Iterable, ci: bool = False, n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
-    """Run directories of ``scope.eval`` -> one row per (run, column) with the score in %.
-
-    Columns: ``run, model, method, budget, options, column, value, n, visual_tokens`` (+ ``lo``, ``hi``: a
-    percentile bootstrap interval from the per-sample logs when ``ci``). SynthBench expands into one column
-    per question family plus ``Overall``; every other task is one column (the paper's header, main metric).
-    The unpruned run has method ``"none"`` and as budget the visual tokens it fed the LLM.
-    """
-    from scope import report
-    from scope.eval import get_task, read_jsonl
-
-    rows = []
-    for d in report._run_dirs(run_dirs):
-        run = report.load_run(d)
-        cfg = run["config"]
-        unpruned = report.is_unpruned_run(cfg)
-        for task, res in run["results"]["tasks"].items():
-            metrics = res.get("metrics", {})
-            if task == "synthbench":
-                cols = [(FAMILY_COLUMNS.get(f, f), f"{f}/accuracy") for f in FAMILY_COLUMNS]
-                cols = [c for c in cols if c[1] in metrics] + [(OVERALL, "accuracy")]
-            else:
-                t = get_task(task)
-                cols = [(t.paper_column or t.name, res["main"])]
-            records = read_jsonl(d / "samples" / f"{task}.jsonl") if ci else None
-            tokens = res.get("mean_kept_tokens")
-            for column, metric in cols:
-                row = {
-                    "run": d.name,
-                    "model": cfg.get("model"),
-                    "method": UNPRUNED if unpruned else cfg["method"],
-                    "budget": (round(tokens) if tokens is not None else None)
-                    if unpruned
-                    else cfg.get("budget"),
-                    "options": json_options(cfg.get("options")),
-                    "task": task,
-                    "column": column,
-                    "value": metrics.get(metric, res["value"] if metric == res["main"] else math.nan),
-                    "n": res["n"],
-                    "visual_tokens": tokens,
-                }
-                if ci:
-                    row["lo"], row["hi"] = report.bootstrap_ci(
-                        records, task, n_boot=n_boot, seed=seed, metric=metric
-                    )
-                rows.append(row)
-    if not rows:
-        raise ValueError(f"run_dirs={list(map(str, run_dirs))} holds no finished runs (results.json)")
-    return pd.DataFrame(rows)
-
-
-def json_options(options) -> str:
-    """Options of a run as a short stable string ("" when none): {"alpha": 0.5} -> "alpha=0.5"."""
-    return ", ".join(f"{k}={v}" for k, v in sorted((options or {}).items()))
-
-
-def paper_style(long: pd.DataFrame, relative: bool = True) -> pd.DataFrame:
-    """``results_long`` rows in the paper's layout: one row per (budget, method[, options]) with the raw
-    scores and, when ``relative``, a second row of % of the unpruned model, plus ``Avg_rel`` (mean rel% over
-    the columns other than ``Overall``), unpruned row first, budgets descending.
-    """
-    _check_columns(long, ["method", "budget", "options", "column", "value"], "long")
-    columns = list(dict.fromkeys(long["column"]))
-    key = ["budget", "method", "options"]
-    raw = long.pivot_table(index=key, columns="column", values="value", aggfunc="first")[columns]
-    parts = [raw.assign(kind="raw")]
-    if relative:
-        base = long[long["method"] == UNPRUNED].groupby("column")["value"].first().replace(0.0, math.nan)
-        if base.empty:
-            raise ValueError("long has no unpruned run (method 'none'); relative scores need one")
-        rel = 100.0 * raw / base.reindex(columns).to_numpy()
-        bench = [c for c in columns if c != OVERALL]
-        rel["Avg_rel"] = rel[bench].mean(axis=1)
-        parts.append(rel.assign(kind="rel%"))
-    out = pd.concat(parts).reset_index()
-    out["method"] = out["method"].map(method_label)
-    out["_full"] = out["method"] != method_label(UNPRUNED)
-    out = out.sort_values(
-        ["_full", "budget", "method", "options", "kind"], ascending=[True, False, True, True, True]
-    )
-    out = out.drop(columns="_full")
-    if (out["options"] == "").all():
-        out = out.drop(columns="options")
-    lead = [c for c in ["budget", "method", "options", "kind"] if c in out.columns]
-    out = out[lead + [c for c in out.columns if c not in lead]].reset_index(drop=True)
-    out.columns.name = None
-    return out
-
-
-def paper_method(name: str) -> str:
-    """A method as the paper's tables print it -> our method key ("SCOPE (Ours)" -> "scope", "PDrop†" -> "pdrop")."""
-    return from_paper_label(name)
-
-
-def run_group(model: str | None, tasks: str, limit: int | None, seed: int) -> str:
-    """Folder name for the runs of one (model, tasks, limit, seed): notebooks share finished runs through it."""
-    from scope.eval.rundir import checkpoint_fingerprint
-    from scope.paths import MINILLAVA_DIR
-
-    name = "minillava" if model is None else Path(str(model)).name or str(model)
-    tasks = str(tasks).replace(",", "+")
-    group = f"{name}_{tasks}_limit{limit if limit is not None else 'all'}_seed{seed}"
-    # a local checkpoint (the embedded default included) is named by its weights, so retraining starts fresh
-    fingerprint = checkpoint_fingerprint(MINILLAVA_DIR if model is None else str(model))
-    return f"{group}_{fingerprint[7:]}" if fingerprint else group
-
-
-def repo_path(path, default: Path) -> Path:
-    """A notebook's folder parameter as a Path: None -> ``default``; relative paths are taken from the repository
-    root (so ``-p results_dir results/x`` means the same from any working directory)."""
-    from scope.paths import REPO_ROOT
-
-    if path is None or str(path) == "":
-        return Path(default)
-    path = Path(path)
-    return path if path.is_absolute() else REPO_ROOT / path
-
-
-def shown_path(path) -> str:
-    """``path`` relative to the repository root when inside it (what executed notebooks print)."""
-    from scope.paths import REPO_ROOT
-
-    try:
-        return str(Path(path).resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)

@@ -105,3 +105,20 @@ def test_thread_choice(monkeypatch):
     assert reproduce.choose_threads(None) == 1  # busy machine: threads would wait on each other
     monkeypatch.setattr(reproduce.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
     assert reproduce.choose_threads(None) is None  # idle: torch's default
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebooks_call_library_helpers_that_exist_and_define_none_of_their_own(path):
+    import re
+
+    from scope import notebook, report, vis
+
+    nb = nbformat.read(path, as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    modules = {"vis": vis, "report": report, "notebook": notebook}
+    used = set(re.findall(r"\b(vis|report|notebook)\.([A-Za-z_]\w*)", code))
+    missing = sorted(f"{m}.{name}" for m, name in used if not hasattr(modules[m], name))
+    assert not missing, f"{path.name} calls {missing}, which scope does not define"
+    # helpers live in the library (scope.notebook, scope.report, scope.vis), not copied between notebooks
+    defined = re.findall(r"^def (\w+)", code, flags=re.M)
+    assert not set(defined) & {"vision_inputs", "method_options"}, defined

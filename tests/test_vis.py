@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.colors import to_hex
 from PIL import Image
 
 from scope import vis
@@ -139,120 +140,46 @@ def test_family_bars_group_by_hue_in_row_order():
     plt.close(fig)
 
 
-def test_save_figure_and_table_write_all_formats_with_source(tmp_path):
+def test_save_figure_writes_png_and_pdf_with_source(tmp_path):
     fig, ax = plt.subplots()
     ax.plot([0, 1], [0, 1])
     paths = vis.save_figure(fig, "demo", source="TinyModel on toy data", figures_dir=tmp_path)
     assert [p.suffix for p in paths] == [".png", ".pdf"]
     assert Image.open(paths[0]).size[0] > 100 and paths[1].read_bytes().startswith(b"%PDF")
     assert any("TinyModel on toy data" in t.get_text() for t in fig.texts)
-
-    df = pd.DataFrame({"method": ["SCOPE", "Random"], "acc": [91.234, float("nan")]})
-    csv, md = vis.save_table(df, "demo_table", source="TinyModel", figures_dir=tmp_path, title="Demo")
-    pd.testing.assert_frame_equal(pd.read_csv(csv), df)
-    text = md.read_text()
-    # the CSV drops float32 noise: values equal to 6 significant digits are written identically
-    noisy = pd.DataFrame({"v": [86.94842300998668, 0.87545080576092]})
-    close = pd.DataFrame({"v": [86.94842300998669, 0.8754508011043072]})
-    a, _ = vis.save_table(noisy, "noisy", source="x", figures_dir=tmp_path / "a")
-    b, _ = vis.save_table(close, "noisy", source="x", figures_dir=tmp_path / "b")
-    assert a.read_text() == b.read_text() == "v\n86.9484\n0.875451\n"
-    assert "| SCOPE | 91.2 |" in text and "| Random | – |" in text and "Source: TinyModel" in text
     with pytest.raises(ValueError, match="name"):
-        vis.save_table(df, "bad/name", source="x", figures_dir=tmp_path)
+        vis.save_figure(fig, "bad/name", source="x", figures_dir=tmp_path)
     with pytest.raises(ValueError, match="source"):
         vis.save_figure(fig, "demo", source="", figures_dir=tmp_path)
 
 
-def _fake_run(root, name, method, budget, accuracy_by_family, options=None, tokens=576):
-    """A scope.eval run directory (config.json, results.json, samples/synthbench.jsonl) with known scores."""
-    import json
-
-    from scope.eval import get_task
-
-    d = root / name
-    (d / "samples").mkdir(parents=True)
-    task = get_task("synthbench")
-    records, idx = [], 0
-    for fam, correct in accuracy_by_family.items():
-        for k in range(4):  # 4 questions per family, `correct` of them right
-            ok = k < correct
-            rec = {"idx": idx, "family": fam, "subset": "random", "score": float(ok), "answer": "yes"}
-            if fam == "existence":
-                rec["label"] = "yes" if ok else "no"
-            records.append(rec)
-            idx += 1
-    (d / "samples" / "synthbench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    metrics = task.aggregate(records)
-    results = {
-        "tasks": {
-            "synthbench": {
-                "main": "accuracy",
-                "value": metrics["accuracy"],
-                "metrics": metrics,
-                "n": len(records),
-                "mean_kept_tokens": tokens if method == "none" else budget,
-            }
-        }
-    }
-    cfg = {"model": "toy", "method": method, "budget": budget, "options": options or {}}
-    (d / "config.json").write_text(json.dumps(cfg))
-    (d / "results.json").write_text(json.dumps(results))
-    return d
-
-
-def test_results_long_and_paper_style_compute_relative_scores(tmp_path):
-    _fake_run(tmp_path, "none", "none", None, {"existence": 4, "counting": 2})
-    _fake_run(tmp_path, "scope-64", "scope", 64, {"existence": 3, "counting": 2})
-    _fake_run(
-        tmp_path, "scope-64-alpha2", "scope", 64, {"existence": 2, "counting": 1}, options={"alpha": 2.0}
-    )
-    long = vis.results_long([tmp_path], ci=True, n_boot=50)
-    assert set(long["column"]) == {"Exist. (POPE)", "Count", "Overall"}
-    row = long[(long.run == "scope-64") & (long.column == "Count")].iloc[0]
-    assert row.value == pytest.approx(50.0) and row.lo <= row.value <= row.hi
-    assert long[long.method == "none"].budget.iloc[0] == 576  # unpruned: the tokens it fed the LLM
-
-    table = vis.paper_style(long)
-    assert list(table.columns[:4]) == ["budget", "method", "options", "kind"]
-    assert table.iloc[0]["method"] == "All tokens"  # unpruned first
-    rel = table[(table.kind == "rel%") & (table.options == "")].set_index("method")
-    assert rel.loc["SCOPE", "Exist. (POPE)"] == pytest.approx(75.0)
-    assert rel.loc["SCOPE", "Count"] == pytest.approx(100.0)
-    assert rel.loc["SCOPE", "Avg_rel"] == pytest.approx(87.5)  # mean of the benchmark columns, not Overall
-    assert (table.options == "alpha=2.0").sum() == 2
-    with pytest.raises(ValueError, match="unpruned"):
-        vis.paper_style(long[long.method != "none"])
-
-
-def test_paper_method_names_map_to_our_keys_and_run_groups_are_stable():
-    assert vis.paper_method("SCOPE (Ours)") == "scope"
-    assert vis.paper_method("PDrop†") == "pdrop"
-    assert vis.paper_method("Vanilla (upper bound)") == "none"
-    assert vis.paper_method("Coverage-only") == "coverage"
-    from scope.eval.rundir import checkpoint_fingerprint
-    from scope.paths import MINILLAVA_DIR
-
-    fp = checkpoint_fingerprint(MINILLAVA_DIR)
-    assert fp is not None and fp.startswith("sha256:") and len(fp) == 19
-    assert vis.run_group(None, "synthbench", 96, 0) == f"minillava_synthbench_limit96_seed0_{fp[7:]}"
-    assert (  # a hub id is not a local folder: no fingerprint, the revision goes to config.json instead
-        vis.run_group("llava-hf/llava-1.5-7b-hf", "gqa,pope", None, 1)
-        == "llava-1.5-7b-hf_gqa+pope_limitall_seed1"
-    )
-
-
-def test_a_retrained_local_checkpoint_gets_a_new_fingerprint(tmp_path):
-    from scope.eval.rundir import checkpoint_fingerprint
-
-    assert checkpoint_fingerprint(tmp_path) is None  # no weights
-    assert checkpoint_fingerprint("") is None  # an in-memory model's empty name_or_path
-    (tmp_path / "model.safetensors").write_bytes(b"weights v1")
-    first = checkpoint_fingerprint(tmp_path)
-    assert first == checkpoint_fingerprint(tmp_path)  # stable
-    (tmp_path / "model.safetensors").write_bytes(b"weights v2")
-    assert checkpoint_fingerprint(tmp_path) != first
-    assert vis.run_group(str(tmp_path), "synthbench", None, 0).endswith(checkpoint_fingerprint(tmp_path)[7:])
+def test_alpha_figure_draws_the_sweep_the_reference_and_the_combinations():
+    alpha = pd.DataFrame(
+        {"alpha": [0.0, 0.5, 1.0, 4.0], "value": [60.0, 70.0, 75.0, 65.0], "lo": [55.0, 65, 70, 60],
+         "hi": [65.0, 75, 80, 70]}
+    )  # fmt: skip
+    combine = pd.DataFrame(
+        {"label": ["gain × saliency", "gain + saliency"], "value": [75.0, 72.0], "lo": [70.0, 66.0],
+         "hi": [80.0, 77.0]}
+    )  # fmt: skip
+    fig = vis.plot_alpha_and_combine(alpha, combine, 80.0, "scope", reference=("saliency", 58.0), budget=64)
+    left, right = fig.axes
+    sweep = left.lines[0]
+    assert list(sweep.get_ydata()) == [60.0, 70.0, 75.0, 65.0]
+    assert to_hex(sweep.get_color()) == to_hex(vis.method_colors(["scope"])["scope"])
+    assert [t.get_text() for t in left.get_xticklabels()] == ["0", "0.5", "1", "4"]
+    flat = {round(line.get_ydata()[0], 6): line for line in left.lines[1:]}
+    assert set(flat) == {80.0, 58.0} and flat[58.0].get_linestyle() == ":"
+    labels = [t.get_text() for t in left.get_legend().get_texts()]
+    assert labels == ["SCOPE (gain × saliency^α)", "All tokens", "Saliency-only (α → ∞)"]
+    assert left.get_title() == "Sensitivity to α at 64 tokens"
+    assert [round(b.get_height(), 6) for b in right.patches] == [75.0, 72.0]
+    assert [t.get_text() for t in right.get_xticklabels()] == ["gain × saliency", "gain + saliency"]
+    assert right.get_title() == "Combining the two scores (α = 1, 64 tokens)"
+    without = vis.plot_alpha_and_combine(alpha, combine, 80.0, "scope")  # no reference line, no budget
+    assert len(without.axes[0].lines) == 2 and without.axes[0].get_title() == "Sensitivity to α"
+    with pytest.raises(ValueError, match="label"):
+        vis.plot_alpha_and_combine(alpha, combine.drop(columns="label"), 80.0, "scope")
 
 
 def test_token_map_checks_size_and_can_stretch_small_values():
