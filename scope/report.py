@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import random
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -118,13 +119,17 @@ def _run_dirs(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
-    """config.json and results.json of a run directory."""
+    """config.json and results.json of a run directory; a missing or unreadable file raises ValueError
+    naming it."""
     run_dir = Path(run_dir)
-    return {
-        "dir": run_dir,
-        "config": json.loads((run_dir / "config.json").read_text()),
-        "results": json.loads((run_dir / "results.json").read_text()),
-    }
+    out: dict[str, Any] = {"dir": run_dir}
+    for key in ("config", "results"):
+        path = run_dir / f"{key}.json"
+        try:
+            out[key] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read {path}: {err}") from None
+    return out
 
 
 def is_unpruned_run(cfg: dict) -> bool:
@@ -218,12 +223,27 @@ def results_long(
     paths = list(paths)
     rows = []
     for d in _run_dirs(paths):
-        run = load_run(d)
+        try:
+            run = load_run(d)
+        except ValueError as err:  # one broken run must not hide the others
+            warnings.warn(f"skipped run {d}: {err}", stacklevel=2)
+            continue
         cfg, results = run["config"], run["results"]["tasks"]
         unpruned = is_unpruned_run(cfg)
         budget = _unpruned_budget(results) if unpruned else cfg.get("budget")
         for task, res in results.items():
-            records = read_jsonl(d / "samples" / f"{task}.jsonl") if ci else None
+            n, complete = res["n"], res.get("complete", True)
+            records = None
+            if ci:
+                records = read_jsonl(d / "samples" / f"{task}.jsonl", require=("idx",))
+                if len(records) != n:
+                    warnings.warn(
+                        f"run {d.name}, task {task}: results.json counts {n} answers but the sample log "
+                        f"holds {len(records)}; the run is incomplete (rerun its command to finish it); n "
+                        "and the interval are those of the logged answers",
+                        stacklevel=2,
+                    )
+                    n, complete = len(records), False
             for metric in _metric_names(task, res, metrics):
                 row = {
                     "run": d.name,
@@ -237,8 +257,8 @@ def results_long(
                     "value": res.get("metrics", {}).get(
                         metric, res["value"] if metric == res["main"] else math.nan
                     ),
-                    "n": res["n"],
-                    "complete": res.get("complete", True),
+                    "n": n,
+                    "complete": complete,
                     "visual_tokens": res.get("mean_kept_tokens"),
                     "equivalent_tokens": res.get("equivalent_tokens"),
                 }
@@ -534,10 +554,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ci", action="store_true")
     args = p.parse_args(argv)
-    df = paper_layout(args.runs, ci=not args.no_ci, n_boot=args.n_boot, seed=args.seed, names="paper")
+    long = results_long(args.runs, ci=not args.no_ci, n_boot=args.n_boot, seed=args.seed)
+    df = paper_layout(long, names="paper")
     if args.paper:
         df = compare_to_paper(df, args.paper)
     md = to_markdown(df)
+    unfinished = sorted(set(long.loc[~long["complete"].astype(bool), "run"]))
+    if unfinished:
+        md += f"\n\nIncomplete runs (not every question answered): {', '.join(unfinished)}"
     print(md)
     if args.out:
         out = Path(args.out)

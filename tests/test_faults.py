@@ -250,3 +250,38 @@ def test_load_error_for_a_local_folder_names_the_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"lacks weights \(model.safetensors") as err:
         scope.load(str(tmp_path))
     assert "huggingface-cli" not in str(err.value)
+
+
+def _two_runs(tiny, root):
+    model, proc = tiny
+    _eval(model, proc, root / "a", method="scope", budget=4)
+    _eval(model, proc, root / "b", method="none")
+
+
+def test_11_a_truncated_results_json_is_skipped_with_a_warning_naming_it(tiny, tmp_path):
+    from scope import report
+
+    _two_runs(tiny, tmp_path)
+    broken = tmp_path / "a" / "results.json"
+    broken.write_text(broken.read_text()[:40])
+    with pytest.warns(UserWarning, match=str(broken)):
+        long = report.results_long([tmp_path])
+    assert set(long["run"]) == {"b"}
+    with pytest.raises(ValueError, match=str(broken)):
+        report.load_run(tmp_path / "a")
+
+
+def test_12_missing_samples_mark_the_run_incomplete_and_n_counts_the_scored(tiny, tmp_path, capsys):
+    from scope import report
+
+    _two_runs(tiny, tmp_path)
+    log = tmp_path / "a" / "samples" / "pope.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:4] + ["{not json}"]) + "\n")
+    with pytest.warns(UserWarning, match="incomplete"):
+        long = report.results_long([tmp_path / "a"], ci=True, n_boot=50)
+    row = long.iloc[0]
+    assert row["n"] == 4 and not row["complete"] and row["lo"] == row["lo"]  # interval kept (not NaN)
+    with pytest.warns(UserWarning):
+        report.main([str(tmp_path), "--n-boot", "20"])
+    assert "Incomplete runs" in capsys.readouterr().out
