@@ -156,16 +156,20 @@ def test_score_normalises():
 
 
 def test_a_few_training_steps_reduce_the_loss():
-    from scope.mini import train
+    from scope.mini.features import extract_features
+    from scope.mini.lm import train_lm
     from scope.mini.model import build_config, build_model, build_tokenizer, build_vocab
+    from scope.mini.sequences import Seq
+    from scope.mini.targets import OPTIONAL_READOUTS, READOUTS, TARGET_HEADS
+    from scope.mini.tower import train_tower
 
     torch.manual_seed(0)
     tok = build_tokenizer(build_vocab(n_scenes=100))
     model = build_model(build_config(tok, vision_layers=2, vision_width=32, lm_layers=1, lm_width=32))
-    seq = train.Seq(tok)
+    seq = Seq(tok)
     log_rows = []
     log = lambda *row: log_rows.append(row)  # noqa: E731
-    train.train_tower(model, steps=12, batch=4, lr=3e-3, seed=0, log=log, window=6, local=False, warmup=8)
+    train_tower(model, steps=12, batch=4, lr=3e-3, seed=0, log=log, window=6, local=False, warmup=8)
     warm = [r[3]["dense"] for r in log_rows if r[0] == "tower-warmup" and "dense" in r[3]]
     assert len(warm) == 1  # logged every 25 steps: step 0 only
     assert [r[3] for r in log_rows if r[0] == "tower-warmup" and "probe_shape" in r[3]]
@@ -174,10 +178,10 @@ def test_a_few_training_steps_reduce_the_loss():
     probes = [r[3] for r in log_rows if r[0] == "tower" and "probe_colour" in r[3]]
     assert len(probes) == 1 and all(0.0 <= v <= 1.0 for v in probes[0].values())
     pool = np.arange(4)
-    feats, masks = train.extract_features(model, pool, batch=4, with_masks=True)
+    feats, masks = extract_features(model, pool, batch=4, with_masks=True)
     assert feats.shape == (4, 576, 32) and masks.shape == (4, 576) and (masks > 0).any()
     log_rows.clear()
-    train.train_lm(
+    train_lm(
         model,
         seq,
         feats,
@@ -193,8 +197,8 @@ def test_a_few_training_steps_reduce_the_loss():
         log_every=1,
         masks=masks,
         ground=1.0,
-        targets=tuple(train.TARGET_HEADS),  # the opt-in position heads (--where) too
-        readouts=(*train.READOUTS, *train.OPTIONAL_READOUTS),
+        targets=tuple(TARGET_HEADS),  # the opt-in position heads (--where) too
+        readouts=(*READOUTS, *OPTIONAL_READOUTS),
         gap=500,  # half the conversations' text moved up to 500 positions away from the image
     )
     lm_losses = [r[3]["loss"] for r in log_rows if r[0] == "lm"]
@@ -202,14 +206,14 @@ def test_a_few_training_steps_reduce_the_loss():
     ground = [r[3]["ground"] for r in log_rows if r[0] == "lm" and "ground" in r[3]]
     assert len(ground) == 30 and all(np.isfinite(g) and g > 0 for g in ground)  # attention targets every step
     # choice and spatial turns come up in most steps
-    for kind in (*train.READOUTS, *train.OPTIONAL_READOUTS, "where_patch", "relation", "where_a"):
+    for kind in (*READOUTS, *OPTIONAL_READOUTS, "where_patch", "relation", "where_a"):
         got = [r[3][f"ground_{kind}"] for r in log_rows if r[0] == "lm" and f"ground_{kind}" in r[3]]
         assert len(got) >= 10 and all(np.isfinite(g) and g > 0 for g in got), kind
 
 
 def test_training_sequences_match_the_chat_template():
-    from scope.mini import train
     from scope.mini.model import build_processor, build_tokenizer, build_vocab
+    from scope.mini.sequences import Seq
 
     tok = build_tokenizer(build_vocab(n_scenes=100))
     processor = build_processor(tok)
@@ -226,7 +230,7 @@ def test_training_sequences_match_the_chat_template():
         ]
     text = processor.apply_chat_template(messages)
     assert text.startswith("USER: <image>\nWhat colour")  # LLaVA-1.5 order: image, then the question
-    ids, labels, img_start, qpos = train.Seq(tok).build_with_positions(qas, n_image=1)
+    ids, labels, img_start, qpos = Seq(tok).build_with_positions(qas, n_image=1)
     assert ids == tok(text)["input_ids"]
     assert ids[img_start] == tok.convert_tokens_to_ids("<image>")
     assert [tok.convert_ids_to_tokens(ids[p + 1]) for p in qpos] == ["red", "no"]
@@ -236,12 +240,12 @@ def test_training_sequences_match_the_chat_template():
 
 
 def test_patch_labels_of_a_full_resolution_crop():
-    from scope.mini import train
+    from scope.mini.labels import patch_labels
 
     scene = make_scene(5)
     _, ids = render(scene, 384, with_ids=True)
-    whole = train.patch_labels(scene, ids)
-    crop = train.patch_labels(scene, ids, (0, 0, 192))  # top-left quarter at twice the scale
+    whole = patch_labels(scene, ids)
+    crop = patch_labels(scene, ids, (0, 0, 192))  # top-left quarter at twice the scale
     assert whole.shape == crop.shape == (9, 576)
     for labels in (whole, crop):
         obj = labels[5] > 0
@@ -255,13 +259,13 @@ def test_patch_labels_of_a_full_resolution_crop():
 
 
 def test_ink_labels_mark_the_patches_that_see_each_digit():
-    from scope.mini import train
-    from scope.mini.scenes import DIGITS
+    from scope.mini.labels import patch_labels
+    from scope.mini.scenes import DIGITS, glyph_box
 
     for seed in range(6):
         scene = make_scene(seed)
         _, ids = render(scene, 384, with_ids=True)
-        whole, crop = train.patch_labels(scene, ids), train.patch_labels(scene, ids, (96, 96, 192))
+        whole, crop = patch_labels(scene, ids), patch_labels(scene, ids, (96, 96, 192))
         for k, o in enumerate(scene.objects, start=1):
             ink = (whole[8] > 0) & (whole[5] == k)
             if not o.glyph:
@@ -270,7 +274,7 @@ def test_ink_labels_mark_the_patches_that_see_each_digit():
             # a digit covers a few patches of its own object, all labelled with it, never all of the object
             assert 2 <= ink.sum() < (whole[5] == k).sum()
             assert (whole[8][ink] == 1 + DIGITS.index(o.glyph)).all()
-            x0, y0, x1, y1 = train.glyph_box(o)
+            x0, y0, x1, y1 = glyph_box(o)
             if 96 <= x0 and x1 <= 288 and 96 <= y0 and y1 <= 288:  # wholly inside the crop: twice the scale
                 assert ((crop[8] > 0) & (crop[5] == k)).sum() >= 2 * ink.sum()
         assert ((whole[8] > 0) <= (whole[5] > 0)).all()  # ink only on objects
@@ -279,12 +283,13 @@ def test_ink_labels_mark_the_patches_that_see_each_digit():
 def test_glyph_head_ink_term_is_the_mean_loss_over_ink_patches():
     import torch.nn.functional as F
 
-    from scope.mini import train
+    from scope.mini.labels import scene_batch
+    from scope.mini.tower import TowerHeads
 
     torch.manual_seed(0)
-    _, _, dense, cls = train.scene_batch([3, 4])
+    _, _, dense, cls = scene_batch([3, 4])
     hidden = torch.randn(2, 577, 32)
-    plain, inked = train.TowerHeads(32), train.TowerHeads(32, ink=2.0)
+    plain, inked = TowerHeads(32), TowerHeads(32, ink=2.0)
     inked.load_state_dict(plain.state_dict())
     logits = plain.dense[3](plain.norm_patch(hidden[:, 1:])).flatten(0, 1)
     ink = dense[:, 8].flatten()
@@ -295,19 +300,20 @@ def test_glyph_head_ink_term_is_the_mean_loss_over_ink_patches():
 
 
 def test_pca_patch_init_whitens_patches_and_keeps_the_position_channels():
-    from scope.mini import train
-    from scope.mini.model import build_config, build_model, build_tokenizer
+    from scope.mini.labels import VAL_SEED_BASE, scene_batch
+    from scope.mini.model import PATCH_SIZE, build_config, build_model, build_tokenizer
+    from scope.mini.tower import LOCAL_POS_CHANNELS, local_attention_init, pca_patch_init
 
     tower = build_model(build_config(build_tokenizer(), 2, 128, 1, 32)).model.vision_tower
     with torch.no_grad():
-        train.local_attention_init(tower)
+        local_attention_init(tower)
         w = tower.embeddings.patch_embedding.weight
         before = w.clone()
-        train.pca_patch_init(tower, n_scenes=8)
-        _, px, _, _ = train.scene_batch(np.arange(train.VAL_SEED_BASE // 2, train.VAL_SEED_BASE // 2 + 8))
-        p = train.PATCH_SIZE
+        pca_patch_init(tower, n_scenes=8)
+        _, px, _, _ = scene_batch(np.arange(VAL_SEED_BASE // 2, VAL_SEED_BASE // 2 + 8))
+        p = PATCH_SIZE
         patches = px.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * p * p)
-        k = 128 - train.LOCAL_POS_CHANNELS
+        k = 128 - LOCAL_POS_CHANNELS
         out = (patches - patches.mean(0)) @ w.view(128, -1)[:k].T
         ref = (patches - patches.mean(0)) @ before.view(128, -1)[:k].T
     corr = torch.corrcoef(out.T)
@@ -318,7 +324,7 @@ def test_pca_patch_init_whitens_patches_and_keeps_the_position_channels():
 
 
 def test_sincos_position_embeddings_tell_every_patch_apart():
-    from scope.mini.train import sincos_2d
+    from scope.mini.tower import sincos_2d
 
     e = sincos_2d(24, 128)
     assert e.shape == (576, 128)
@@ -328,17 +334,18 @@ def test_sincos_position_embeddings_tell_every_patch_apart():
 
 
 def test_local_attention_init_points_each_head_at_its_offset():
-    from scope.mini import train as T
+    from scope.mini.labels import VAL_SEED_BASE, scene_batch
     from scope.mini.model import build_config, build_model, build_tokenizer
+    from scope.mini.tower import LOCAL_OFFSETS, local_attention_init
 
     model = build_model(build_config(build_tokenizer()), seed=0)
     model.set_attn_implementation("eager")
     tower = model.model.vision_tower
-    T.local_attention_init(tower)
-    _, px, _, _ = T.scene_batch([T.VAL_SEED_BASE, T.VAL_SEED_BASE + 1])
+    local_attention_init(tower)
+    _, px, _, _ = scene_batch([VAL_SEED_BASE, VAL_SEED_BASE + 1])
     with torch.no_grad():
         att = tower(px, output_attentions=True).attentions
-    for layer, heads in T.LOCAL_OFFSETS.items():
+    for layer, heads in LOCAL_OFFSETS.items():
         for head, (dr, dc) in heads.items():
             for r, c in ((10, 10), (5, 17)):  # interior patches, whatever the image shows there
                 i, j = 1 + r * 24 + c, 1 + (r + dr) * 24 + (c + dc)
@@ -347,7 +354,7 @@ def test_local_attention_init_points_each_head_at_its_offset():
     assert att[0][:, 0, 1 + 10 * 24 + 10].max() < 0.5
     small = build_model(build_config(build_tokenizer(), vision_width=32), seed=0).model.vision_tower
     with pytest.raises(ValueError, match="hidden_size=32"):
-        T.local_attention_init(small)
+        local_attention_init(small)
 
 
 def test_target_status_names_every_missed_target(tmp_path):
@@ -426,15 +433,16 @@ def test_card_lists_reading_subsets_without_counting_them_as_families(tmp_path):
 
 
 def test_evaluate_features_reports_reading_subsets():
-    from scope.mini import train
+    from scope.mini.evaluate import evaluate_features
     from scope.mini.model import build_config, build_model, build_tokenizer, build_vocab
+    from scope.mini.sequences import Seq
 
     tok = build_tokenizer(build_vocab(n_scenes=100))
     model = build_model(build_config(tok, vision_layers=1, vision_width=32, lm_layers=1, lm_width=32)).eval()
     items = [it for it in heldout_items() if it["family"] in ("reading", "counting")][::8]
     feats = torch.randn(len(items), 576, 32)
     with torch.no_grad():
-        acc = train.evaluate_features(model, train.Seq(tok), feats, items)
+        acc = evaluate_features(model, Seq(tok), feats, items)
     assert set(acc) == {"reading", "counting", "overall", "reading/large", "reading/small"}
     small = [it for it in items if it["subset"] == "small"]
     assert len(small) == 2 and acc["reading/small"] in (0.0, 0.5, 1.0)
@@ -459,8 +467,8 @@ def test_synthbench_aggregate_reports_reading_subsets():
 
 
 def test_grouping_loss_is_minus_log_attention_mass_on_own_object():
-    from scope.mini import train
     from scope.mini.model import build_config, build_model, build_tokenizer, build_vocab
+    from scope.mini.tower import grouping_loss, tower_hidden
 
     tok = build_tokenizer(build_vocab(n_scenes=100))
     model = build_model(build_config(tok, vision_layers=3, vision_width=32, lm_layers=1, lm_width=32))
@@ -470,24 +478,25 @@ def test_grouping_loss_is_minus_log_attention_mass_on_own_object():
             layer.self_attn.q_proj.weight.zero_()
             layer.self_attn.q_proj.bias.zero_()
     kept = []
-    train.tower_hidden(tower, torch.randn(2, 3, 192, 192), keep=kept)
+    tower_hidden(tower, torch.randn(2, 3, 192, 192), keep=kept)
     assert len(kept) == 2  # inputs of the layers before layer -2's output
     owner = torch.zeros(2, 576, dtype=torch.long)
     owner[0, :10], owner[0, 10:13], owner[1, 100:150] = 1, 2, 3
     # own-object patch counts over 577 keys, averaged over the 10 + 3 + 50 object patches
     expected = -(10 * np.log(10 / 577) + 3 * np.log(3 / 577) + 50 * np.log(50 / 577)) / 63
-    got = train.grouping_loss(tower, kept, owner)
+    got = grouping_loss(tower, kept, owner)
     assert abs(got.item() - expected) < 1e-4
-    assert train.grouping_loss(tower, kept, torch.zeros_like(owner)).item() == 0.0
+    assert grouping_loss(tower, kept, torch.zeros_like(owner)).item() == 0.0
 
 
 def test_turn_targets_name_each_object_apart_and_point_choices_at_the_right_option():
-    from scope.mini import train
     from scope.mini.model import build_tokenizer, build_vocab
+    from scope.mini.sequences import Seq
     from scope.mini.synthbench import CHOICE_SUFFIX
+    from scope.mini.targets import turn_targets
 
     tok = build_tokenizer(build_vocab(n_scenes=100))
-    seq = train.Seq(tok)
+    seq = Seq(tok)
     choice = "What colour is the square?\nA. blue\nB. red\nC. green\nD. yellow\n" + CHOICE_SUFFIX
     qas = [
         {"question": "What colour is the square?", "answer": "red", "family": "attribute", "refs": [1]},
@@ -510,7 +519,7 @@ def test_turn_targets_name_each_object_apart_and_point_choices_at_the_right_opti
     got = [
         [
             (kind, tok.convert_ids_to_tokens([ids[q]])[0], tok.convert_ids_to_tokens([ids[k] for k in keys]))
-            for kind, q, keys in train.turn_targets(seq, ids, qa, qp, owners, img_start)
+            for kind, q, keys in turn_targets(seq, ids, qa, qp, owners, img_start)
         ]
         for qa, qp in zip(qas, qpos)
     ]
@@ -540,17 +549,15 @@ def test_turn_targets_name_each_object_apart_and_point_choices_at_the_right_opti
         ("letter", "yellow", ["D"]),
     ]
     # object keys are the image tokens of the referenced object: image token j sits at img_start + j
-    spatial = dict(
-        (k, keys.tolist()) for k, _, keys in train.turn_targets(seq, ids, qas[1], qpos[1], owners, 3)
-    )
+    spatial = dict((k, keys.tolist()) for k, _, keys in turn_targets(seq, ids, qas[1], qpos[1], owners, 3))
     assert spatial["object_a"] == [img_start + 4] and spatial["object_b"] == [img_start + 3]
     assert spatial["where_a"] == spatial["object_a"] and spatial["where_b"] == spatial["object_b"]
 
 
 @pytest.mark.parametrize("gapped", [False, True])
 def test_grounding_loss_is_minus_log_attention_mass_of_the_chosen_head(gapped):
-    from scope.mini import train
     from scope.mini.model import build_config, build_model, build_tokenizer, build_vocab
+    from scope.mini.targets import AttentionInputs, grounding_loss
 
     tok = build_tokenizer(build_vocab(n_scenes=100))
     model = build_model(build_config(tok, vision_layers=2, vision_width=32, lm_layers=2, lm_width=64))
@@ -558,7 +565,7 @@ def test_grounding_loss_is_minus_log_attention_mass_of_the_chosen_head(gapped):
     ids = torch.randint(5, len(tok), (2, 12))
     # per-row position ids (text moved away from the image in row 1 only) must be what the loss rotates by
     pos = torch.tensor([[*range(12)], [*range(5), *range(505, 512)]]) if gapped else None
-    cap = train.AttentionInputs(model, [0, 1])
+    cap = AttentionInputs(model, [0, 1])
     with torch.no_grad():
         out = model.model.language_model(input_ids=ids, position_ids=pos, output_attentions=True)
     cap.remove()
@@ -568,13 +575,13 @@ def test_grounding_loss_is_minus_log_attention_mass_of_the_chosen_head(gapped):
     for layer, head in ((0, 0), (1, 2)):
         att = out.attentions[layer][qb, head, qp]  # [3, 12] attention of each query
         expected = -torch.log((att * target).sum(-1)).mean()
-        got = train.grounding_loss(cap, qb, qp, target, (layer,), head)
+        got = grounding_loss(cap, qb, qp, target, (layer,), head)
         assert torch.allclose(got, expected, atol=1e-5), (layer, head, got, expected)
 
 
 def test_head_output_is_the_heads_share_of_the_attention_output_and_readout_is_the_logit_lens():
-    from scope.mini import train
     from scope.mini.model import build_config, build_model, build_tokenizer, build_vocab
+    from scope.mini.targets import AttentionInputs, head_output, head_values, readout_loss
 
     tok = build_tokenizer(build_vocab(n_scenes=100))
     model = build_model(build_config(tok, vision_layers=2, vision_width=32, lm_layers=2, lm_width=64))
@@ -586,7 +593,7 @@ def test_head_output_is_the_heads_share_of_the_attention_output_and_readout_is_t
         lm.layers[1].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.update(o=a[0])),
         lm.norm.register_forward_pre_hook(lambda m, a: seen.update(last=a[0])),
     ]
-    cap = train.AttentionInputs(model, [1])
+    cap = AttentionInputs(model, [1])
     with torch.no_grad():
         out = lm(input_ids=ids, output_attentions=True)
         logits = model.lm_head(out.last_hidden_state)
@@ -595,17 +602,15 @@ def test_head_output_is_the_heads_share_of_the_attention_output_and_readout_is_t
         for head in (0, 3):
             sl = slice(head * hd, (head + 1) * hd)
             expected = seen["o"][qb, qp, sl] @ w_o[:, sl].T  # the head's columns of o_proj, alone
-            got = train.head_output(cap, 1, head, qb, qp)
+            got = head_output(cap, 1, head, qb, qp)
             assert torch.allclose(got, expected, atol=1e-5), head
             # ... which is the attention-weighted mean of what each key alone would add (head_values)
             keys = torch.arange(12)
-            per_key = torch.stack(
-                [train.head_values(cap, 1, head, b.repeat(12), keys) for b in qb]
-            )  # [3, 12, D]
+            per_key = torch.stack([head_values(cap, 1, head, b.repeat(12), keys) for b in qb])  # [3, 12, D]
             att = out.attentions[1][qb, head, qp]  # [3, 12]
             assert torch.allclose(torch.einsum("nk,nkd->nd", att, per_key), got, atol=1e-5), head
         token = torch.tensor([3, 9, 4])
-        lens = train.readout_loss(model, seen["last"][qb, qp], token)
+        lens = readout_loss(model, seen["last"][qb, qp], token)
         assert torch.allclose(lens, torch.nn.functional.cross_entropy(logits[qb, qp], token), atol=1e-5)
     cap.remove()
     for h in hooks:
@@ -613,23 +618,26 @@ def test_head_output_is_the_heads_share_of_the_attention_output_and_readout_is_t
 
 
 def test_next_owner_masks_follow_the_packed_anyres_order():
-    from scope.mini import train
+    from scope.mini.features import extract_next_features
+    from scope.mini.labels import patch_labels, pixels
+    from scope.mini.lm import train_lm
     from scope.mini.model import build_config, build_model, build_tokenizer, build_vocab
-    from scope.mini.next import build_next_processor, next_from_mini
+    from scope.mini.next import NEXT_CROPS, build_next_processor, next_from_mini
     from scope.mini.scenes import make_scene, render
+    from scope.mini.sequences import Seq
 
     tok = build_tokenizer(build_vocab(n_scenes=100))
     mini = build_model(build_config(tok, vision_layers=2, vision_width=32, lm_layers=1, lm_width=32))
     model, processor = next_from_mini(mini), build_next_processor(tok)
     seeds = np.array([3, 11])
-    feats, masks = train.extract_next_features(model, processor, seeds, batch=2, with_masks=True)
+    feats, masks = extract_next_features(model, processor, seeds, batch=2, with_masks=True)
     assert feats.shape == (2, 5, 576, 32) and masks.shape == (2, 576 + 48 * 49)
     im, ids = render(make_scene(3), 384, with_ids=True)
     px = processor.image_processor([im], return_tensors="pt")["pixel_values"][0]
-    for k, box in enumerate(train.NEXT_CROPS[1:], start=1):  # the processor's grid crops, in NEXT_CROPS order
+    for k, box in enumerate(NEXT_CROPS[1:], start=1):  # the processor's grid crops, in NEXT_CROPS order
         x, y, size = box
-        assert torch.allclose(px[k], train.pixels([im.crop((x, y, x + size, y + size))])[0], atol=1e-4)
-    owners = [torch.from_numpy(train.patch_labels(make_scene(3), ids, box)[5]) for box in train.NEXT_CROPS]
+        assert torch.allclose(px[k], pixels([im.crop((x, y, x + size, y + size))])[0], atol=1e-4)
+    owners = [torch.from_numpy(patch_labels(make_scene(3), ids, box)[5]) for box in NEXT_CROPS]
     assert torch.equal(masks[0, :576].long(), owners[0])
     grid = masks[0, 576:].long().view(48, 49)
     assert (grid[:, 48] == 0).all()  # image_newline slots
@@ -637,9 +645,9 @@ def test_next_owner_masks_follow_the_packed_anyres_order():
         assert torch.equal(grid[r : r + 24, c : c + 24].flatten(), owners[k])
     assert set(masks[0].unique().tolist()) == set(range(len(make_scene(3).objects) + 1))
     rows = []
-    train.train_lm(
+    train_lm(
         model,
-        train.Seq(tok),
+        Seq(tok),
         feats,
         seeds,
         steps=2,
@@ -658,9 +666,9 @@ def test_next_owner_masks_follow_the_packed_anyres_order():
 
 
 def test_ordinal_row_and_column_heads_decode_the_number_of_positive_thresholds():
-    from scope.mini import train
+    from scope.mini.tower import TowerHeads
 
-    heads = train.TowerHeads(32)
+    heads = TowerHeads(32)
     label = torch.tensor([0, 1, 7, 24])  # background, row 0, row 6, row 23
     exact = torch.where(label[:, None] > torch.arange(24), 9.0, -9.0)
     assert heads._predict("row", exact).tolist() == label.tolist()
@@ -687,14 +695,14 @@ def test_majority_baseline_gives_each_familys_most_frequent_answer():
 
 
 def test_object_position_agrees_with_the_spatial_answers():
-    from scope.mini import train
+    from scope.mini.targets import object_position
 
     checked = 0
     for it in heldout_items():
         if it["family"] != "spatial":
             continue
         scene = make_scene(it["seed"])
-        (ra, ca), (rb, cb) = (train.object_position(scene, r) for r in it["refs"])
+        (ra, ca), (rb, cb) = (object_position(scene, r) for r in it["refs"])
         assert all(-2 <= v <= 2 for v in (ra, ca, rb, cb))
         # the read-out's target says what the answer says: a is left of b <=> its column is smaller, etc.
         expected = {"left": ca < cb, "right": ca > cb, "above": ra < rb, "below": ra > rb}[it["answer"]]
@@ -704,65 +712,75 @@ def test_object_position_agrees_with_the_spatial_answers():
 
 
 def test_where_flag_adds_the_position_heads_and_says_so_in_the_recipe():
-    from scope.mini import train
-
-    plain, where = train.parser().parse_args(["--no-where"]), train.parser().parse_args(["--where"])
-    assert train._extras(plain) == {} and "With `--where`" not in train.mini_recipe(plain)
-    extra = train._extras(where)
-    assert set(extra["targets"]) == set(train.TARGET_HEADS) and {"where_a", "where_b"} <= set(
-        extra["targets"]
+    from scope.mini.targets import (
+        DEFAULT_TARGETS,
+        OPTIONAL_READOUTS,
+        OPTIONAL_TARGETS,
+        READOUTS,
+        TARGET_HEADS,
+        WHERE_READOUTS,
     )
-    assert extra["readouts"] == (*train.READOUTS, *train.WHERE_READOUTS)
-    assert set(train.WHERE_READOUTS) <= set(train.OPTIONAL_READOUTS)
-    assert not set(train.OPTIONAL_TARGETS) & set(train.DEFAULT_TARGETS)
-    assert "With `--where`" in train.mini_recipe(where)
+    from scope.mini.train import card_recipe, parser, where_options
+
+    plain, where = parser().parse_args(["--no-where"]), parser().parse_args(["--where"])
+    assert where_options(plain) == {} and "With `--where`" not in card_recipe(plain)
+    extra = where_options(where)
+    assert set(extra["targets"]) == set(TARGET_HEADS) and {"where_a", "where_b"} <= set(extra["targets"])
+    assert extra["readouts"] == (*READOUTS, *WHERE_READOUTS)
+    assert set(WHERE_READOUTS) <= set(OPTIONAL_READOUTS)
+    assert not set(OPTIONAL_TARGETS) & set(DEFAULT_TARGETS)
+    assert "With `--where`" in card_recipe(where)
 
 
 def test_make_model_defaults_ink_loss_principal_components_and_position_heads():
-    from scope.mini import train
+    from scope.mini.targets import OPTIONAL_TARGETS
+    from scope.mini.train import card_recipe, parser, where_options
 
-    args = train.parser().parse_args([])
+    args = parser().parse_args([])
     assert args.tower_ink == 1.0 and args.tower_pca is True and args.where is True
-    recipe = train.mini_recipe(args)
+    recipe = card_recipe(args)
     assert (
         "ink covers (weight 1.0)" in recipe
         and "principal components" in recipe
         and "With `--where`" in recipe
     )
-    assert set(train._extras(args)["targets"]) >= set(train.OPTIONAL_TARGETS)
-    off = train.parser().parse_args(["--tower-ink", "0", "--no-tower-pca", "--no-where"])
-    assert off.tower_ink == 0 and off.tower_pca is False and off.where is False and train._extras(off) == {}
-    assert "ink covers" not in train.mini_recipe(off) and "principal components" not in train.mini_recipe(off)
-    assert "--where" not in train.mini_recipe(off).split("Seed")[0]
-    assert "--all --no-where --tower-ink 0.0 --no-tower-pca`" in train.mini_recipe(
+    assert set(where_options(args)["targets"]) >= set(OPTIONAL_TARGETS)
+    off = parser().parse_args(["--tower-ink", "0", "--no-tower-pca", "--no-where"])
+    assert off.tower_ink == 0 and off.tower_pca is False and off.where is False and where_options(off) == {}
+    assert "ink covers" not in card_recipe(off) and "principal components" not in card_recipe(off)
+    assert "--where" not in card_recipe(off).split("Seed")[0]
+    assert "--all --no-where --tower-ink 0.0 --no-tower-pca`" in card_recipe(
         off
     )  # the card's rebuild command
     assert "--all`" in recipe
     assert args.text_gap == 0 and "further on" not in recipe  # the shipped recipe trains without gaps
-    gapped = train.parser().parse_args(["--text-gap", "2400"])
-    assert "random 0-2400 positions further on" in train.mini_recipe(gapped)
-    assert "--all --text-gap 2400`" in train.mini_recipe(gapped)
+    gapped = parser().parse_args(["--text-gap", "2400"])
+    assert "random 0-2400 positions further on" in card_recipe(gapped)
+    assert "--all --text-gap 2400`" in card_recipe(gapped)
 
 
 def test_training_is_deterministic_for_a_seed():
     """`make model` promises the same checkpoints for the same seed (on one machine and thread count)."""
-    from scope.mini import train
+    from scope.mini.features import extract_features
+    from scope.mini.lm import train_lm
     from scope.mini.model import build_config, build_model, build_tokenizer, build_vocab
+    from scope.mini.sequences import Seq
+    from scope.mini.tower import train_tower
 
     tok = build_tokenizer(build_vocab(n_scenes=100))
-    seq = train.Seq(tok)
+    seq = Seq(tok)
 
     def run(seed):
         model = build_model(
             build_config(tok, vision_layers=2, vision_width=32, lm_layers=1, lm_width=32), seed
         )
         quiet = lambda *row: None  # noqa: E731
-        train.train_tower(
+        train_tower(
             model, steps=4, batch=4, lr=3e-3, seed=seed, log=quiet, window=6, zoom=0.5, warmup=2, local=False
         )
         pool = np.arange(4) + seed
-        feats, masks = train.extract_features(model, pool, batch=4, with_masks=True)
-        train.train_lm(
+        feats, masks = extract_features(model, pool, batch=4, with_masks=True)
+        train_lm(
             model, seq, feats, pool, steps=4, batch=2, turns=3, lr=3e-3, seed=seed, log=quiet,
             evaluate_fn=lambda: {}, eval_every=1000, masks=masks, ground=1.0, curriculum=2,
         )  # fmt: skip
@@ -774,10 +792,10 @@ def test_training_is_deterministic_for_a_seed():
 
 
 def test_text_gaps_move_only_the_text_after_the_image_of_the_chosen_share():
-    from scope.mini import train
+    from scope.mini.sequences import text_gaps
 
     lengths, ends = [10, 7, 12, 9] * 50, [5, 3, 6, 4] * 50
-    pos = train.text_gaps(lengths, ends, 100, 0.5, np.random.default_rng(0))
+    pos = text_gaps(lengths, ends, 100, 0.5, np.random.default_rng(0))
     assert pos.shape == (200, 12)
     gaps = pos[:, -1] - 11
     for b, end in enumerate(ends):
@@ -786,32 +804,33 @@ def test_text_gaps_move_only_the_text_after_the_image_of_the_chosen_share():
     assert 0 <= gaps.min() and gaps.max() <= 100
     assert 0.35 < (gaps > 0).float().mean() < 0.65  # about half the rows, each by 0..100
     assert gaps.max() > 50
-    none = train.text_gaps(lengths, ends, 100, 0.0, np.random.default_rng(0))
+    none = text_gaps(lengths, ends, 100, 0.0, np.random.default_rng(0))
     assert (none == torch.arange(12)).all()
 
 
 def test_lr_factor_cosine_and_warmup_stable_decay():
-    from scope.mini import train
+    from scope.mini.lm import lr_factor
+    from scope.mini.train import card_recipe, parser
 
-    cos = [train.lr_factor(s, 100) for s in range(100)]
+    cos = [lr_factor(s, 100) for s in range(100)]
     assert cos[0] == 1.0 and abs(cos[50] - 0.5) < 1e-9 and all(a > b for a, b in zip(cos, cos[1:]))
-    wsd = [train.lr_factor(s, 100, "wsd") for s in range(100)]
+    wsd = [lr_factor(s, 100, "wsd") for s in range(100)]
     assert wsd[:80] == [1.0] * 80  # the peak held for the first 80%
     assert all(a > b for a, b in zip(wsd[80:], wsd[81:])) and wsd[90] == 0.5 and 0 < wsd[99] < 0.1
     assert sum(wsd) > sum(cos)  # more steps at a high learning rate
     with pytest.raises(ValueError, match="schedule='linear'"):
-        train.lr_factor(0, 100, "linear")
-    default = train.mini_recipe(train.parser().parse_args([]))  # make model's recipe: wsd
+        lr_factor(0, 100, "linear")
+    default = card_recipe(parser().parse_args([]))  # make model's recipe: wsd
     assert "linear decay over the last 20%" in default and "--all`" in default
-    cosine = train.mini_recipe(train.parser().parse_args(["--lm-schedule", "cosine"]))
+    cosine = card_recipe(parser().parse_args(["--lm-schedule", "cosine"]))
     assert "warm-up + cosine" in cosine and "--all --lm-schedule cosine`" in cosine
 
 
 def test_make_model_defaults_are_the_recipe_of_the_shipped_checkpoint():
     """The card of data/minillava states the recipe it was trained with; `make model` must rebuild that."""
-    from scope.mini import train
+    from scope.mini.train import card_recipe, parser
     from scope.paths import MINILLAVA_DIR
 
     card = (MINILLAVA_DIR / "README.md").read_text()
-    assert train.mini_recipe(train.parser().parse_args([])) in card
-    assert train.mini_recipe(train.parser().parse_args(["--lm-steps", "2400"])) not in card
+    assert card_recipe(parser().parse_args([])) in card
+    assert card_recipe(parser().parse_args(["--lm-steps", "2400"])) not in card

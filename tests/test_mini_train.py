@@ -35,9 +35,13 @@ def _hashes(module: torch.nn.Module) -> dict[str, str]:
 
 def short_run() -> dict[str, dict[str, str]]:
     """Every stage of ``make model`` for a few steps on a tiny model, with every option of the recipe on."""
-    from scope.mini import train
+    from scope.mini.features import extract_features, extract_next_features
+    from scope.mini.lm import train_lm
     from scope.mini.model import build_config, build_model, build_tokenizer, build_vocab
     from scope.mini.next import build_next_processor, next_from_mini
+    from scope.mini.sequences import Seq
+    from scope.mini.targets import OPTIONAL_READOUTS, READOUTS, TARGET_HEADS
+    from scope.mini.tower import train_tower
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -45,25 +49,25 @@ def short_run() -> dict[str, dict[str, str]]:
         tok = build_tokenizer(build_vocab(n_scenes=100))
         model = build_model(build_config(tok, vision_layers=3, vision_width=128, lm_layers=2, lm_width=64), 0)
         quiet = lambda *row: None  # noqa: E731
-        train.train_tower(
+        train_tower(
             model, steps=4, batch=4, lr=1e-3, seed=0, log=quiet, window=6, zoom=0.5, probe_every=2,
             group=1.0, warmup=2, ink=1.0, pca=True,
         )  # fmt: skip
         out = {"tower": _hashes(model.model.vision_tower)}
         pool = np.arange(6)
-        feats, masks = train.extract_features(model, pool, batch=6, with_masks=True)
-        seq = train.Seq(tok)
-        train.train_lm(
+        feats, masks = extract_features(model, pool, batch=6, with_masks=True)
+        seq = Seq(tok)
+        train_lm(
             model, seq, feats, pool, steps=4, batch=2, turns=4, lr=3e-3, seed=0, log=quiet,
             evaluate_fn=lambda: {}, eval_every=2, masks=masks, curriculum=2, curriculum_hold=1, ground=1.0,
-            targets=tuple(train.TARGET_HEADS), readouts=(*train.READOUTS, *train.OPTIONAL_READOUTS),
+            targets=tuple(TARGET_HEADS), readouts=(*READOUTS, *OPTIONAL_READOUTS),
             gap=100, schedule="wsd",
         )  # fmt: skip
         out["minillava"] = _hashes(model)
         nxt = next_from_mini(model.to(torch.bfloat16).float())  # as saved, then loaded for the NeXT stage
         pool = np.arange(2)
-        feats, masks = train.extract_next_features(nxt, build_next_processor(tok), pool, 2, with_masks=True)
-        train.train_lm(
+        feats, masks = extract_next_features(nxt, build_next_processor(tok), pool, 2, with_masks=True)
+        train_lm(
             nxt, seq, feats, pool, steps=2, batch=2, turns=3, lr=1e-3, seed=0, log=quiet,
             evaluate_fn=lambda: {}, eval_every=1, masks=masks, ground=1.0,
         )  # fmt: skip
