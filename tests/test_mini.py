@@ -432,6 +432,56 @@ def test_card_lists_reading_subsets_without_counting_them_as_families(tmp_path):
     assert "re-measured on the current test split" in text
 
 
+def test_card_training_notes_come_from_the_run_log_and_the_notes_file(tmp_path):
+    import json
+
+    from scope.mini.card import NOTES_FILE, rewrite_card, write_card
+
+    fams = dict.fromkeys(FAMILIES, 0.95)
+    res = {"full": {**fams, "overall": 0.95}, "random64": {**fams, "overall": 0.7}}
+    assert "Training notes" not in write_card(tmp_path, "X", "Llava", "r", res).read_text()
+    (tmp_path / "training_log.csv").write_text(
+        "stage,step,stage_seconds,total_seconds,metric,value\n"
+        "tower,300,100.0,120.0,probe_glyph,0.5000\n"
+        "tower,600,200.0,240.0,probe_glyph,0.9876\n"
+        "tower,600,200.0,240.0,probe_col,0.7000\n"
+        "lm,499,50.0,300.0,acc_overall,0.5042\n"
+        "lm,999,90.0,340.0,acc_overall,0.9208\n"
+        "test,0,0.0,400.0,full_reading,0.9625\n"
+        "test,0,0.0,400.0,full_reading/small,0.2000\n"
+        "test,0,0.0,400.0,full_overall,0.9250\n"
+    )
+    (tmp_path / NOTES_FILE).write_text("### How it got here\nBy hand.\n")
+    text = write_card(tmp_path, "X", "Llava", "r", res).read_text()
+    notes = text.split("## Training notes\n")[1].split("\n## ")[0]
+    assert "Stage 1 took 4.0 min; after its 600 steps" in notes and "read digit 0.988, column 0.700." in notes
+    assert "stage-2 steps 500 / 1000: 0.50 / 0.92." in notes
+    assert "as it was then: 92.5% (reading 96.2%)." in notes
+    assert notes.endswith("### How it got here\nBy hand.\n")
+    before = (tmp_path / "results.json").read_text()
+    assert rewrite_card(tmp_path, "X", "Llava", "r").read_text() == text  # from results.json alone
+    assert (tmp_path / "results.json").read_text() == before and json.loads(before) == res
+
+
+def test_shipped_cards_are_what_the_card_writer_makes_of_their_results():
+    """The cards show results.json's numbers and keep their training notes (``--cards-only`` rewrites them)."""
+    import json
+
+    from scope.mini.card import card_text, next_recipe
+    from scope.mini.train import MINI, NEXT, card_recipe, parser
+    from scope.paths import MINILLAVA_DIR, MINILLAVA_NEXT_DIR
+
+    args = parser().parse_args([])
+    for path, (name, arch), recipe in (
+        (MINILLAVA_DIR, MINI, card_recipe(args)),
+        (MINILLAVA_NEXT_DIR, NEXT, next_recipe(args)),
+    ):
+        results = json.loads((path / "results.json").read_text())
+        card = (path / "README.md").read_text()
+        assert card == card_text(path, name, arch, recipe, results), f"{path}: run --cards-only"
+        assert (path / "TRAINING_NOTES.md").read_text().strip() in card
+
+
 def test_evaluate_features_reports_reading_subsets():
     from scope.mini.evaluate import evaluate_features
     from scope.mini.model import build_config, build_model, build_tokenizer, build_vocab

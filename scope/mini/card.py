@@ -1,12 +1,20 @@
-"""Model cards for the shipped MiniLLaVA checkpoints, written from the measured results of a training run."""
+"""Model cards for the shipped MiniLLaVA checkpoints, written from the measured results of a training run.
+
+What a card says the checkpoint scores is read from the run's ``results.json`` and ``training_log.csv``; the recipe is
+stated from the training arguments (``mini_recipe``, ``next_recipe``), and the hand-written history of how
+the recipe came about is kept in ``TRAINING_NOTES.md`` beside the checkpoint (its "Training notes").
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 from scope.mini.synthbench import DETAIL_FAMILIES, FAMILIES
 from scope.mini.tower import LOCAL_OFFSETS
+
+NOTES_FILE = "TRAINING_NOTES.md"  # hand-written training history beside a checkpoint, kept in its card
 
 DISCLAIMER = (
     "**Results obtained with this model illustrate the SCOPE method on a toy model and a synthetic benchmark; "
@@ -296,6 +304,71 @@ def run_info(model, tok, minutes: float, args) -> dict:
     }
 
 
+def training_notes(out_dir: Path) -> str:
+    """The card's "Training notes": what ``training_log.csv`` says of the run, then ``TRAINING_NOTES.md``."""
+    out_dir = Path(out_dir)
+    notes = out_dir / NOTES_FILE
+    parts = [run_summary(out_dir / "training_log.csv"), notes.read_text().strip() if notes.exists() else ""]
+    if not any(parts):
+        return ""
+    return "\n## Training notes\n" + "\n\n".join(p for p in parts if p) + "\n"
+
+
+PROBES = {"glyph": "digit", "ink": "digit on the patches its ink covers", "col": "column"}  # card names
+
+
+def run_summary(log_path: Path) -> str:
+    """Stage-1 time and final probes, the validation curve and the run's own test evaluation, as Markdown
+    bullets read from a run's ``training_log.csv`` (empty when there is none)."""
+    if not Path(log_path).exists():
+        return ""
+    with open(log_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    lines = [line for line in (_probe_line(rows), _curve_line(rows), _test_line(rows)) if line]
+    return "The run that produced this checkpoint (`training_log.csv`):\n" + "\n".join(lines) if lines else ""
+
+
+def _probe_line(rows: list[dict]) -> str:
+    probes = [r for r in rows if r["stage"] == "tower" and r["metric"].startswith("probe_")]
+    if not probes:
+        return ""
+    last = max(int(r["step"]) for r in probes)
+    minutes = max(float(r["total_seconds"]) for r in rows if r["stage"].startswith("tower")) / 60
+    named = [
+        (PROBES.get(r["metric"][6:], r["metric"][6:]), r["value"]) for r in probes if int(r["step"]) == last
+    ]
+    return (
+        f"- Stage 1 took {minutes:.1f} min; after its {last} steps the linear probes of the layer -2 patch "
+        "features (held-out scenes, object patches) read "
+        + ", ".join(f"{k} {float(v):.3f}" for k, v in named)
+        + "."
+    )
+
+
+def _curve_line(rows: list[dict]) -> str:
+    curve = [
+        (int(r["step"]) + 1, r["value"]) for r in rows if r["stage"] == "lm" and r["metric"] == "acc_overall"
+    ]
+    if not curve:
+        return ""
+    steps, accs = " / ".join(str(s) for s, _ in curve), " / ".join(f"{float(v):.2f}" for _, v in curve)
+    return f"- Validation accuracy at stage-2 steps {steps}: {accs}."
+
+
+def _test_line(rows: list[dict]) -> str:
+    test = {
+        r["metric"][5:]: float(r["value"])
+        for r in rows
+        if r["stage"] == "test" and r["metric"].startswith("full_")
+    }
+    if "overall" not in test:
+        return ""
+    fams = ", ".join(f"{k} {100 * v:.1f}%" for k, v in test.items() if k in FAMILIES)
+    return (
+        f"- The run's own evaluation on the test split as it was then: {100 * test['overall']:.1f}% ({fams})."
+    )
+
+
 def write_card(out_dir: Path, name: str, arch: str, recipe: str, results: dict) -> Path:
     """Write ``results.json`` and ``README.md`` (the model card) next to a checkpoint."""
     out_dir = Path(out_dir)
@@ -305,8 +378,17 @@ def write_card(out_dir: Path, name: str, arch: str, recipe: str, results: dict) 
     return path
 
 
+def rewrite_card(out_dir: Path, name: str, arch: str, recipe: str) -> Path:
+    """Write ``README.md`` (the model card) from the ``results.json`` already next to a checkpoint."""
+    out_dir = Path(out_dir)
+    results = json.loads((out_dir / "results.json").read_text())
+    path = out_dir / "README.md"
+    path.write_text(card_text(out_dir, name, arch, recipe, results))
+    return path
+
+
 def card_text(out_dir: Path, name: str, arch: str, recipe: str, results: dict) -> str:
-    """The model card of the checkpoint in ``out_dir`` (its size is read from there)."""
+    """The model card of the checkpoint in ``out_dir`` (its size and training notes are read from there)."""
     banner = _banner(results)
     size_mb = sum(p.stat().st_size for p in Path(out_dir).glob("*.safetensors")) / 2**20
     text = f"""# {name}
@@ -344,7 +426,7 @@ visual tokens uniformly at random (seed 0), in raster order.
   (wall clock of the run that produced this checkpoint; the machine may have been shared).{_reused(results)}
 - Checkpoint: {size_mb:.1f} MB of safetensors ({results.get("dtype", "bfloat16")}).
 - Accuracy over training time: `training_log.csv` (stage, step, seconds, metric, value).
-
+{training_notes(out_dir)}
 ## Limitations
 Toy scale: a closed vocabulary of {results.get("vocab_size", "?")} words, one-word answers, one scene type. The
 tokenizer is a word-level vocabulary, not Llama's. {DISCLAIMER}

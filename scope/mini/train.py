@@ -27,7 +27,8 @@ Recipe (two stages, as LLaVA, then the anyres stage):
 
 ``python -m scope.mini.train --all`` (``make model``) retrains and saves both checkpoints; every stage has a
 tqdm bar and appends to ``training_log.csv`` (held-out accuracy over training time). The model cards
-(``scope.mini.card``) state the recipe and what the checkpoints score.
+(``scope.mini.card``) state the recipe, what the checkpoints score, and in their "Training notes" how the
+recipe came about and what each of its parts bought.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import torch
 from scope.mini.card import (
     mini_recipe,
     next_recipe,
+    rewrite_card,
     run_info,
     target_status,
     write_card,
@@ -288,6 +290,12 @@ def reevaluate(args) -> None:
     write_card(next_dir, *NEXT, next_recipe(args), next_results)
 
 
+def rewrite_cards(args) -> None:
+    """Rewrite both model cards from the saved ``results.json`` and ``training_log.csv``, measuring nothing."""
+    rewrite_card(args.out or MINILLAVA_DIR, *MINI, card_recipe(args))
+    rewrite_card(args.next_out or MINILLAVA_NEXT_DIR, *NEXT, next_recipe(args))
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line of ``python -m scope.mini.train``; its defaults are the ``make model`` recipe."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -301,6 +309,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="MiniLLaVA output folder (default data/minillava)")
     p.add_argument(
         "--next-out", type=Path, default=None, help="NeXT output folder (default data/minillava-next)"
+    )
+    p.add_argument(
+        "--cards-only",
+        action="store_true",
+        help="rewrite the model cards from the saved results.json and training_log.csv (measures nothing)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -397,6 +410,9 @@ def main(argv=None) -> None:
     out = args.out or MINILLAVA_DIR
     if args.evaluate_only:
         reevaluate(args)
+        return
+    if args.cards_only:
+        rewrite_cards(args)
         return
     if args.next_only:
         from transformers import LlavaForConditionalGeneration
