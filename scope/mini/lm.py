@@ -45,6 +45,7 @@ class Pool:
         self.scenes = {}
 
     def scene(self, seed: int):
+        """The scene of ``seed``, made once per run."""
         return self.scenes.get(seed) or self.scenes.setdefault(seed, make_scene(seed))
 
 

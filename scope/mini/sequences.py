@@ -33,6 +33,7 @@ class Seq:
         self.qmark, self.dot = v.get("?", -1), v.get(".", -1)
 
     def words(self, text: str) -> list[int]:
+        """Token ids of ``text``'s words (``<unk>`` for a word outside the vocabulary)."""
         return [self.v.get(w, self.v["<unk>"]) for w in split_words(text)]
 
     def build(self, qas: list[dict], n_image: int = N_PATCHES) -> tuple[list[int], list[int]]:
@@ -106,5 +107,6 @@ def text_gaps(
 
 
 def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    """[len(rows), longest row] tensor of the rows, each right-padded with ``value``."""
     n = max(map(len, rows))
     return torch.tensor([r + [value] * (n - len(r)) for r in rows])

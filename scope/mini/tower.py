@@ -309,15 +309,8 @@ def train_tower(
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
         full = step >= steps * (1 - full_frac) or window >= GRID
-        losses = tower_losses(
-            tower,
-            heads,
-            batch if not full else max(4, batch // 4),
-            None if full else window,
-            zoom,
-            group,
-            rng,
-        )
+        n, win = (max(4, batch // 4), None) if full else (batch, window)
+        losses = tower_losses(tower, heads, n, win, zoom, group, rng)
         _optimizer_step(opt, params, losses["cls"] + losses["dense"] + group * losses.get("group", 0.0))
         bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
         if step % 25 == 0 or step == steps - 1:

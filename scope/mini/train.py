@@ -155,33 +155,6 @@ def train_minillava(out_dir: Path, args) -> tuple:
     return model, tok, log
 
 
-def stage2(model, seq: Seq, args, log, reused: dict) -> None:
-    """Projector + LM (``train_lm``) on the pool's cached features, with the validation curve in ``log``."""
-    pool = np.random.default_rng(args.seed + 1).integers(0, VAL_SEED_BASE, size=args.pool)
-    feats, masks = pool_features(model, pool, args.feature_cache, reused)
-    vitems = val_items()
-    vfeats = extract_features(model, np.array([it["seed"] for it in vitems]), desc="features (val)")
-    train_lm(
-        model, seq, feats, pool, args.lm_steps, args.lm_batch, args.turns, args.lm_lr, args.seed, log,
-        lambda: evaluate_features(model, seq, vfeats, vitems), args.eval_every, masks=masks,
-        **where_options(args), curriculum=args.curriculum, curriculum_hold=args.curriculum_hold,
-        ground=args.ground, gap=args.text_gap, gap_share=args.text_gap_share, schedule=args.lm_schedule,
-    )  # fmt: skip
-
-
-def final_evaluation(model, seq: Seq, log) -> dict:
-    """MiniLLaVA's accuracy (``measure_minillava``) and CLS concentration, logged and printed."""
-    results = measure_minillava(model, seq)
-    results["cls_top10_share"], results["cls_images"] = cls_concentration(model)
-    full, rand64 = results["full"], results["random64"]
-    row = {f"full_{k}": v for k, v in full.items()} | {f"random64_{k}": v for k, v in rand64.items()}
-    log("test", 0, 0.0, row | {"cls_top10_share": results["cls_top10_share"]})
-    print("test full:", {k: round(v, 3) for k, v in full.items()})
-    print("test random-64:", {k: round(v, 3) for k, v in rand64.items()})
-    print(f"CLS top-10% share: {results['cls_top10_share']:.3f}")
-    return results
-
-
 def stage1(model, args, log, reused: dict) -> None:
     """Train the vision tower (``train_tower``), or load it from ``--tower-ckpt`` when that exists (noted in
     ``reused``); a ``--tower-ckpt`` that does not exist yet receives the trained tower."""
@@ -212,6 +185,33 @@ def pool_features(model, pool, cache: Path | None, reused: dict) -> tuple[torch.
         torch.save((feats, masks), cache)
         _save_cache_minutes(cache, (time.time() - t0) / 60)
     return feats, masks
+
+
+def stage2(model, seq: Seq, args, log, reused: dict) -> None:
+    """Projector + LM (``train_lm``) on the pool's cached features, with the validation curve in ``log``."""
+    pool = np.random.default_rng(args.seed + 1).integers(0, VAL_SEED_BASE, size=args.pool)
+    feats, masks = pool_features(model, pool, args.feature_cache, reused)
+    vitems = val_items()
+    vfeats = extract_features(model, np.array([it["seed"] for it in vitems]), desc="features (val)")
+    train_lm(
+        model, seq, feats, pool, args.lm_steps, args.lm_batch, args.turns, args.lm_lr, args.seed, log,
+        lambda: evaluate_features(model, seq, vfeats, vitems), args.eval_every, masks=masks,
+        **where_options(args), curriculum=args.curriculum, curriculum_hold=args.curriculum_hold,
+        ground=args.ground, gap=args.text_gap, gap_share=args.text_gap_share, schedule=args.lm_schedule,
+    )  # fmt: skip
+
+
+def final_evaluation(model, seq: Seq, log) -> dict:
+    """MiniLLaVA's accuracy (``measure_minillava``) and CLS concentration, logged and printed."""
+    results = measure_minillava(model, seq)
+    results["cls_top10_share"], results["cls_images"] = cls_concentration(model)
+    full, rand64 = results["full"], results["random64"]
+    row = {f"full_{k}": v for k, v in full.items()} | {f"random64_{k}": v for k, v in rand64.items()}
+    log("test", 0, 0.0, row | {"cls_top10_share": results["cls_top10_share"]})
+    print("test full:", {k: round(v, 3) for k, v in full.items()})
+    print("test random-64:", {k: round(v, 3) for k, v in rand64.items()})
+    print(f"CLS top-10% share: {results['cls_top10_share']:.3f}")
+    return results
 
 
 def train_minillava_next(mini, tok, out_dir: Path, args) -> None:
