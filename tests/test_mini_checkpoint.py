@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from scope.mini.synthbench import load_synthbench, score
-from scope.paths import MINILLAVA_DIR, MINILLAVA_NEXT_DIR
+from scope.paths import MINILLAVA_DIR, MINILLAVA_NEXT_DIR, REPO_ROOT
 
 N_QUESTIONS = 24  # 4 per family: the balanced prefix of the held-out split
 
@@ -102,3 +102,19 @@ def test_next_resolves_fine_detail_that_mini_cannot():
         preds, ds = _answers(path, image_size, n=12, split="detail")
         correct[path.name] = sum(score(p, a, f) for p, a, f in zip(preds, ds["answer"], ds["family"]))
     assert correct["minillava-next"] >= correct["minillava"] + 3, correct
+
+
+def test_readme_status_quotes_the_checkpoints_results():
+    """The README's Status says what the shipped checkpoints score as their results.json has it, and links the cards."""
+    mini = json.loads((MINILLAVA_DIR / "results.json").read_text())
+    nxt = json.loads((MINILLAVA_NEXT_DIR / "results.json").read_text())
+    status = (REPO_ROOT / "README.md").read_text().split("> **Status")[1].split("\n\n")[0]
+    for value in (
+        mini["full"]["overall"],
+        mini["random64"]["overall"],
+        nxt["full"]["overall"],
+        nxt["detail"]["overall"],
+        mini["detail"]["overall"],
+    ):
+        assert f"{100 * value:.1f}%" in status, value
+    assert "data/minillava/README.md" in status and "data/minillava-next/README.md" in status

@@ -46,7 +46,8 @@ CHAT_TEMPLATE = (
 _PRE = pre_tokenizers.Whitespace()  # \w+|[^\w\s]+ : "image?" -> "image", "?"
 
 
-def _words(text: str) -> list[str]:
+def split_words(text: str) -> list[str]:
+    """The words of ``text`` as the word-level tokenizer splits it (``"image?"`` -> ``"image"``, ``"?"``)."""
     return [w for w, _ in _PRE.pre_tokenize_str(text)]
 
 
@@ -59,7 +60,7 @@ def build_vocab(n_scenes: int = 3000) -> list[str]:
         rng = np.random.default_rng(seed)
         scene = make_scene(seed)
         for family in FAMILIES:
-            words |= set(_words(make_question(scene, family, rng)["question"]))
+            words |= set(split_words(make_question(scene, family, rng)["question"]))
     return SPECIAL + sorted(words)
 
 

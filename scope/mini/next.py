@@ -25,6 +25,13 @@ GRID_PINPOINTS = [
     [2 * IMAGE_SIZE, IMAGE_SIZE],
     [2 * IMAGE_SIZE, 2 * IMAGE_SIZE],
 ]
+NEXT_SIZES = torch.tensor([[NEXT_IMAGE_SIZE, NEXT_IMAGE_SIZE]])  # image_sizes of one 384 px anyres image
+# The 5 crops of a 384 px scene in the processor's order: the whole scene (base crop, downsampled), then the
+# 2x2 grid of full-resolution crops as (x0, y0, size) boxes of the render.
+NEXT_CROPS = [
+    None,
+    *((x, y, IMAGE_SIZE) for y in (0, IMAGE_SIZE) for x in (0, IMAGE_SIZE)),
+]
 
 
 def build_next_processor(tokenizer) -> LlavaNextProcessor:

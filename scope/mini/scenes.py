@@ -129,7 +129,7 @@ def _polygon(o: Obj) -> list[tuple[float, float]]:
     raise ValueError(f"shape={o.shape!r} has no polygon")
 
 
-def _glyph_anchor(o: Obj) -> tuple[float, int]:
+def glyph_anchor(o: Obj) -> tuple[float, int]:
     """(y of the glyph's middle, font size in px) of the digit drawn on ``o`` (centred at x = ``o.x``)."""
     tri = o.shape == "triangle"  # a triangle's glyph sits lower and smaller, inside its wide base
     return o.y + (o.r * 0.2 if tri else 0), int(o.r * (0.75 if tri else 0.95) * o.text_size)
@@ -139,7 +139,7 @@ def glyph_box(o: Obj) -> tuple[float, float, float, float]:
     """(x0, y0, x1, y1): the ink bounding box of ``o``'s digit in render pixels (``o`` must have a glyph)."""
     if not o.glyph:
         raise ValueError(f"object {o.name!r} has no glyph")
-    cy, size_px = _glyph_anchor(o)
+    cy, size_px = glyph_anchor(o)
     left, top, right, bottom = _font(size_px).getbbox(o.glyph, anchor="mm")
     return o.x + left, cy + top, o.x + right, cy + bottom
 
@@ -154,7 +154,7 @@ def _grid(s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return yy, xx, grad
 
 
-def _background(scene: Scene) -> Image.Image:
+def background(scene: Scene) -> Image.Image:
     """Low-contrast texture: tinted gradient + oriented stripes + pixel noise (all from the scene seed).
 
     The coordinate grids are cached and the sums run in place: the same float32 operations in the same
@@ -177,7 +177,7 @@ def _background(scene: Scene) -> Image.Image:
 
 def render(scene: Scene, size: int = RENDER_SIZE, with_ids: bool = False):
     """Draw ``scene`` and resize to ``size`` px; with ``with_ids`` also return the object-id map (0 = bg)."""
-    img = _background(scene)
+    img = background(scene)
     ids = Image.new("L", img.size, 0)
     draw, draw_ids = ImageDraw.Draw(img), ImageDraw.Draw(ids)
     for i, o in enumerate(scene.objects, start=1):
@@ -189,7 +189,7 @@ def render(scene: Scene, size: int = RENDER_SIZE, with_ids: bool = False):
                 d.polygon(_polygon(o), fill=f)
         if o.glyph:
             ink = (20, 20, 20) if o.color in ("yellow", "orange", "green") else (250, 250, 250)
-            cy, size_px = _glyph_anchor(o)
+            cy, size_px = glyph_anchor(o)
             draw.text((o.x, cy), o.glyph, fill=ink, font=_font(size_px), anchor="mm")
     if size != RENDER_SIZE:
         img = img.resize((size, size), Image.Resampling.LANCZOS)
