@@ -130,31 +130,12 @@ def evaluate(
     rank, world_size, state = _dist(rank, world_size)
     is_main = rank == 0
 
-    name, revision = model_identity(model, model_id)
     patched = getattr(model, "__dict__", {}).get("_scope")
     if method is None and patched is not None:  # record what the model was patched with (e.g. by scope.load)
         method, budget, options = patched.method, patched.budget, dict(patched.options)
     _check_pruning(model, method, budget, options or {})  # before anything is written
-    config = {
-        "model": name,
-        "revision": revision,
-        "method": method,
-        "budget": None if is_unpruned(method) and method is not None else budget,
-        "options": dict(options or {}),
-        "limit": limit,
-        "seed": seed,
-        "max_new_tokens": max_new_tokens,
-        "task_kwargs": task_kwargs or {},
-        "tasks": [t.name for t in task_list],
-        "batch_size": batch_size,
-        "world_size": world_size,
-        "dtype": str(getattr(model, "dtype", "")),
-        "device": str(getattr(model, "device", "")),
-        "model_class": type(model).__name__,
-        "versions": package_versions(),
-        "git_commit": git_commit(),
-        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    config = run_config(model, model_id, method, budget, options, limit, seed, max_new_tokens, task_kwargs)
+    config.update(tasks=[t.name for t in task_list], batch_size=batch_size, world_size=world_size)
     with RunLock(out_dir) if is_main else contextlib.nullcontext():
         if is_main:
             open_run_dir(out_dir, config, IDENTITY, overwrite)
@@ -178,6 +159,31 @@ def evaluate(
             results["tasks"] = {**old.get("tasks", {}), **results["tasks"]}
             write_json(path, results)
     return results
+
+
+def run_config(model, model_id, method, budget, options, limit, seed, max_new_tokens, task_kwargs) -> dict:
+    """What config.json records of a run: its identity (:data:`IDENTITY`) and how to trace it."""
+    name, revision = model_identity(model, model_id)
+    return {
+        "model": name,
+        "revision": revision,
+        "method": method,
+        "budget": None if is_unpruned(method) and method is not None else budget,
+        "options": dict(options or {}),
+        "limit": limit,
+        "seed": seed,
+        "max_new_tokens": max_new_tokens,
+        "task_kwargs": task_kwargs or {},
+        "tasks": [],
+        "batch_size": None,
+        "world_size": None,
+        "dtype": str(getattr(model, "dtype", "")),
+        "device": str(getattr(model, "device", "")),
+        "model_class": type(model).__name__,
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def _check_pruning(model: Any, method: str | None, budget: int | None, options: dict) -> None:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from scope.eval import metrics as M
+import scope.eval.metrics as M
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 OPTION_LETTER = "\nAnswer with the option's letter from the given choices directly."

@@ -160,7 +160,7 @@ def stage1(model, args, log, reused: dict) -> None:
     ``reused``); a ``--tower-ckpt`` that does not exist yet receives the trained tower."""
     ckpt = args.tower_ckpt
     if ckpt is not None and ckpt.exists():
-        model.model.vision_tower.load_state_dict(torch.load(ckpt))
+        model.model.vision_tower.load_state_dict(torch.load(ckpt, weights_only=True))
         print(f"loaded tower from {ckpt}")
         reused["tower"] = (f"`{ckpt}`", _cache_minutes(ckpt))
         return
@@ -178,7 +178,7 @@ def pool_features(model, pool, cache: Path | None, reused: dict) -> tuple[torch.
     """Layer -2 features and patch owners of the stage-2 pool, or those saved in ``cache`` when it exists."""
     if cache is not None and cache.exists():
         reused["features"] = (f"`{cache}`", _cache_minutes(cache))
-        return torch.load(cache)
+        return torch.load(cache, weights_only=True)
     t0 = time.time()
     feats, masks = extract_features(model, pool, desc="features (train pool)", with_masks=True)
     if cache is not None:
