@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from scope.mini.model import CHAT_TEMPLATE, llava_config, llava_processor, word_tokenizer
+
 __all__ = [
     "WORDS",
     "CHAT_TEMPLATE",
@@ -33,19 +35,6 @@ WORDS = (
 ).split()
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 
-# LLaVA-1.5 style conversation: "USER: <image>\n<text> ASSISTANT:"; content may be a string or a list of
-# {"type": "image"} / {"type": "text", "text": ...} parts, as processor.apply_chat_template expects.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }} "
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }} {% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-
 
 def tiny_tokenizer(extra_words: tuple[str, ...] = ()):
     """A fast word-level tokenizer with ``<image>`` registered as a special token (no network).
@@ -53,8 +42,6 @@ def tiny_tokenizer(extra_words: tuple[str, ...] = ()):
     Words split on whitespace; unknown words map to ``<unk>``. Padding is on the left, as generation needs.
     """
     from tokenizers import pre_tokenizers
-
-    from scope.mini.model import word_tokenizer
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL)}
     for word in (*WORDS, *extra_words):
@@ -64,38 +51,26 @@ def tiny_tokenizer(extra_words: tuple[str, ...] = ()):
     return tok
 
 
-def _configs(seed_vocab: int, image_size: int, patch_size: int, text_layers: int, vision_layers: int):
-    from transformers import CLIPVisionConfig, LlamaConfig
+def _build(seed, image_size, patch_size, text_layers, vision_layers, attn_implementation, pinpoints=None):
+    """A tiny (random, seeded) model of ``scope.mini.model.llava_config`` and its processor."""
+    from transformers import AutoModelForImageTextToText
 
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=32,
+    tok = tiny_tokenizer()
+    config = llava_config(
+        tok,
+        image_size,
+        patch_size,
+        vision=(32, 64, vision_layers),
+        lm=(32, 64, text_layers, 2),  # grouped-query attention, so the in-LLM code is tested with it
+        max_positions=2048,
+        tie_embeddings=False,
+        grid_pinpoints=pinpoints,
     )
-    text = LlamaConfig(
-        vocab_size=seed_vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention, so the in-LLM code is tested with it
-        max_position_embeddings=2048,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
-    return vision, text
-
-
-def _finish(model, attn_implementation: str):
-    model.eval()
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config).eval()
     # ask for the implementation per sub-model, as transformers 5 resolves it per config
     model.set_attn_implementation(attn_implementation)
-    return model
+    return model, llava_processor(tok, image_size, patch_size, pinpoints)
 
 
 def tiny_llava(
@@ -111,32 +86,7 @@ def tiny_llava(
     CLIP tower with CLS (strategy "default", feature layer -2): ``(image_size / patch_size) ** 2`` visual
     tokens per image (16 by default). Llama language model with grouped-query attention.
     """
-    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    tok = tiny_tokenizer()
-    vision, text = _configs(len(tok), image_size, patch_size, text_layers, vision_layers)
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    torch.manual_seed(seed)
-    model = _finish(LlavaForConditionalGeneration(config), attn_implementation)
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # the CLS the "default" strategy drops
-        chat_template=CHAT_TEMPLATE,
-    )
-    return model, processor
+    return _build(seed, image_size, patch_size, text_layers, vision_layers, attn_implementation)
 
 
 def tiny_llava_next(
@@ -153,40 +103,9 @@ def tiny_llava_next(
     Crops are ``image_size`` squares (16 tokens each by default); ``grid_pinpoints`` default to 1x2, 2x1
     and 2x2 grids, so an image becomes the base crop plus 2 or 4 grid crops.
     """
-    from transformers import (
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessorPil,
-        LlavaNextProcessor,
-    )
-
     s = image_size
-    pinpoints = [list(p) for p in (grid_pinpoints or ((s, 2 * s), (2 * s, s), (2 * s, 2 * s)))]
-    tok = tiny_tokenizer()
-    vision, text = _configs(len(tok), image_size, patch_size, text_layers, vision_layers)
-    config = LlavaNextConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        image_grid_pinpoints=pinpoints,
-    )
-    torch.manual_seed(seed)
-    model = _finish(LlavaNextForConditionalGeneration(config), attn_implementation)
-    image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": s}, crop_size={"height": s, "width": s}, image_grid_pinpoints=pinpoints
-    )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    )
-    return model, processor
+    pinpoints = grid_pinpoints or ((s, 2 * s), (2 * s, s), (2 * s, 2 * s))
+    return _build(seed, image_size, patch_size, text_layers, vision_layers, attn_implementation, pinpoints)
 
 
 def tiny_images(n: int, size: tuple[int, int] = (32, 32), seed: int = 0) -> list[Image.Image]:

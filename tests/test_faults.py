@@ -271,6 +271,7 @@ def test_11_a_truncated_results_json_is_skipped_with_a_warning_naming_it(tiny, t
         report.load_run(tmp_path / "a")
 
 
+@pytest.mark.filterwarnings("ignore:.*is not a JSON object")
 def test_12_missing_samples_mark_the_run_incomplete_and_n_counts_the_scored(tiny, tmp_path, capsys):
     from scope import report
 

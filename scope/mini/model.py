@@ -97,20 +97,88 @@ def build_tokenizer(vocab: list[str] | None = None) -> PreTrainedTokenizerFast:
     return word_tokenizer(ids, _PRE, SPECIAL, post_processor=bos, model_max_length=4096)
 
 
+def llava_processor(tokenizer, image_size: int, patch_size: int, grid_pinpoints=None):
+    """A LLaVA processor with our chat template: ``LlavaProcessor`` on ``image_size`` px CLIP-normalised
+    images, or with ``grid_pinpoints`` a ``LlavaNextProcessor`` on crops of that size (anyres). The one
+    builder of MiniLLaVA(-NeXT) and of the tiny test models (:mod:`scope.testing`)."""
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    crop = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
+    if grid_pinpoints is None:
+        image_processor, cls = CLIPImageProcessorPil(**crop, do_center_crop=True), LlavaProcessor
+    else:
+        pinpoints = [list(p) for p in grid_pinpoints]
+        image_processor = LlavaNextImageProcessorPil(
+            **crop, image_grid_pinpoints=pinpoints, do_center_crop=True
+        )
+        cls = LlavaNextProcessor
+    return cls(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS that the "default" strategy drops
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
 def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaProcessor:
     """LlavaProcessor: 192 px CLIP-normalised images, 576 placeholders (CLS is dropped by the model)."""
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        do_center_crop=True,
+    return llava_processor(tokenizer or build_tokenizer(), IMAGE_SIZE, PATCH_SIZE)
+
+
+def llava_config(
+    tokenizer,
+    image_size: int,
+    patch_size: int,
+    vision: tuple[int, int, int] = (128, 512, 4),
+    lm: tuple[int, int, int, int] = (256, 704, 4, 4),
+    max_positions: int = 4096,
+    tie_embeddings: bool = True,
+    grid_pinpoints=None,
+):
+    """A LLaVA-1.5-shaped config (CLIP tower with CLS, features of layer -2, MLP projector, Llama LM): the one
+    builder of MiniLLaVA and of the tiny test models.
+
+    vision: (width, MLP width, layers); lm: (width, MLP width, layers, key-value heads), 4 attention heads
+    each. ``grid_pinpoints`` makes it a ``LlavaNextConfig`` (anyres crops of ``image_size``).
+    """
+    from transformers import LlavaNextConfig
+
+    (v_width, v_ffn, v_layers), (width, ffn, layers, kv_heads) = vision, lm
+    vision_config = CLIPVisionConfig(
+        hidden_size=v_width,
+        intermediate_size=v_ffn,
+        num_hidden_layers=v_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=v_width,
     )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer or build_tokenizer(),
-        patch_size=PATCH_SIZE,
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=tie_embeddings,
+    )
+    extra = {} if grid_pinpoints is None else {"image_grid_pinpoints": [list(p) for p in grid_pinpoints]}
+    return (LlavaConfig if grid_pinpoints is None else LlavaNextConfig)(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
         vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
+        projector_hidden_act="gelu",
+        image_seq_length=(image_size // patch_size) ** 2,
+        tie_word_embeddings=tie_embeddings,
+        **extra,
     )
 
 
@@ -121,39 +189,10 @@ def build_config(
     lm_layers: int = 4,
     lm_width: int = 256,
 ) -> LlavaConfig:
-    """LLaVA-1.5-shaped config at toy width (see the model card for the chosen sizes)."""
-    vision = CLIPVisionConfig(
-        hidden_size=vision_width,
-        intermediate_size=4 * vision_width,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        projection_dim=vision_width,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=lm_width,
-        intermediate_size=int(2.75 * lm_width),
-        num_hidden_layers=lm_layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        image_seq_length=N_PATCHES,
-        tie_word_embeddings=True,
-    )
+    """MiniLLaVA's config at toy width (see the model card for the chosen sizes)."""
+    vision = (vision_width, 4 * vision_width, vision_layers)
+    lm = (lm_width, int(2.75 * lm_width), lm_layers, 4)
+    return llava_config(tokenizer, IMAGE_SIZE, PATCH_SIZE, vision, lm)
 
 
 def build_model(config: LlavaConfig, seed: int = 0) -> LlavaForConditionalGeneration:

@@ -13,11 +13,10 @@ import torch
 from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
-    LlavaNextImageProcessorPil,
     LlavaNextProcessor,
 )
 
-from scope.mini.model import CHAT_TEMPLATE, IMAGE_SIZE, PATCH_SIZE
+from scope.mini.model import IMAGE_SIZE, PATCH_SIZE, llava_processor
 
 NEXT_IMAGE_SIZE = 2 * IMAGE_SIZE  # SynthBench renders for NeXT at 384 px
 GRID_PINPOINTS = [
@@ -36,20 +35,7 @@ NEXT_CROPS = [
 
 def build_next_processor(tokenizer) -> LlavaNextProcessor:
     """LlavaNextProcessor over the MiniLLaVA tokenizer: 192 px crops, anyres pinpoints up to 384 x 384."""
-    image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_grid_pinpoints=GRID_PINPOINTS,
-        do_center_crop=True,
-    )
-    return LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    )
+    return llava_processor(tokenizer, IMAGE_SIZE, PATCH_SIZE, GRID_PINPOINTS)
 
 
 def next_from_mini(mini) -> LlavaNextForConditionalGeneration:
