@@ -102,6 +102,8 @@ class Method:
     options: name -> :class:`Option`; unknown names and invalid values are refused before anything runs.
     keys_option: the option that takes the vision tower's attention keys when :mod:`scope.patch` runs it
         (VisionZip merges by key similarity) unless the caller passed one.
+    sample_ids_option: the option that takes one id per image (a hash of its pixels) when :mod:`scope.patch`
+        runs it, so a random draw depends on the image and the seed, not on the batch.
     compact_positions: in-LLM only: whether RoPE positions are renumbered after a drop (PDrop) or each kept
         token keeps its own (FastV).
     budget_optional: in-LLM only: ``budget=None`` is meaningful (PDrop's own ratio schedule).
@@ -121,6 +123,7 @@ class Method:
     saliency: bool | Callable[[Mapping[str, Any]], bool] = False
     options: Mapping[str, Option] = field(default_factory=dict)
     keys_option: str | None = None
+    sample_ids_option: str | None = None
     compact_positions: bool = False
     budget_optional: bool = False
     selection_flops: Callable[[int, int, int], int] | None = None
@@ -278,6 +281,10 @@ def _layers(x) -> bool:
     return bool(xs) and all(_int(1)(v) for v in xs) and xs == sorted(set(xs))
 
 
+def _ints(x) -> bool:
+    return all(_int()(v) for v in x)
+
+
 def _ratio(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < 1
 
@@ -336,8 +343,10 @@ BUILTIN = (
     ),
     Method("saliency", PRE_LLM, "Saliency-only", "Saliency-only", PALETTE[1], "s",
            fn=f"{_SEL}:select_saliency", saliency=True),
-    Method("random", PRE_LLM, "Random", "Random", PALETTE[7], "X",
-           fn=f"{_SEL}:select_random", options={"seed": Option(0, _int(), "an int")}),
+    Method("random", PRE_LLM, "Random", "Random", PALETTE[7], "X", fn=f"{_SEL}:select_random",
+           options={"seed": Option(0, _int(), "an int"),
+                    "sample_ids": Option(None, _optional(_ints), "None or one int per sample")},
+           sample_ids_option="sample_ids"),
     Method("uniform", PRE_LLM, "Uniform grid", "Uniform", PALETTE[5], "P", fn=f"{_SEL}:select_uniform",
            options={"grid": Option(None, _optional(_grid), "None or (rows, cols) of positive ints")}),
     Method("divprune", PRE_LLM, "DivPrune", "DivPrune", PALETTE[4], "v",

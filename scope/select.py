@@ -443,12 +443,32 @@ def select_saliency(features, saliency, budget):
     return _topk_first_index(_need_saliency("saliency", saliency), budget)
 
 
-def select_random(features, saliency, budget, seed: int = 0):
-    """K tokens uniformly at random, reproducible from ``seed`` (each sample gets its own draw)."""
+def select_random(features, saliency, budget, seed: int = 0, sample_ids=None):
+    """K tokens uniformly at random, reproducible from ``seed``.
+
+    Without ``sample_ids`` one generator seeded with ``seed`` draws the rows in turn. With ``sample_ids``
+    (one int per row, e.g. a hash of the image) row b is drawn from its own generator seeded with
+    ``(seed, sample_ids[b])``: a sample's draw then depends only on the seed and the sample, not on its
+    batch or position (what :mod:`scope.patch` passes).
+    """
     B, N, _ = features.shape
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    idx = torch.stack([torch.randperm(N, generator=gen)[:budget] for _ in range(B)])
+    if sample_ids is None:
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        idx = torch.stack([torch.randperm(N, generator=gen)[:budget] for _ in range(B)])
+    else:
+        if len(sample_ids) != B:
+            raise ValueError(f"sample_ids has {len(sample_ids)} entries for {B} samples")
+        gens = [torch.Generator(device="cpu").manual_seed(_mix(seed, i)) for i in sample_ids]
+        idx = torch.stack([torch.randperm(N, generator=g)[:budget] for g in gens])
     return idx.sort(-1).values.to(features.device)
+
+
+def _mix(seed: int, sample_id: int) -> int:
+    # one 63-bit generator seed per (seed, sample): splitmix64's finaliser on their combination
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(sample_id)) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
 def _grid_shape(n: int, grid: tuple[int, int] | None) -> tuple[int, int]:

@@ -75,6 +75,25 @@ def test_03_patched_generate_keeps_generation_config_max_length(tiny):
     assert plain.shape[1] - prompt == 3 and pruned.shape[1] - prompt == 3
 
 
+@torch.no_grad()
+def test_04_random_in_a_patch_draws_per_image_not_per_call(tiny):
+    model, proc = tiny
+    images = tiny_images(3, seed=4)
+    text = [chat_prompt(proc, "what is this ?")] * 3
+    with scope.patch(model, "random", 5, seed=1):
+        model(**proc(images=images, text=text, return_tensors="pt", padding=True))
+        batched = model._scope.last["indices"]
+        alone = []
+        for image in images:
+            model(**proc(images=[image], text=text[:1], return_tensors="pt"))
+            alone.append(model._scope.last["indices"][0])
+    assert all(torch.equal(batched[i], alone[i]) for i in range(3))  # batch equals single
+    assert not torch.equal(alone[0], alone[1]) and not torch.equal(alone[1], alone[2])  # images differ
+    with scope.patch(model, "random", 5, seed=2):
+        model(**proc(images=images[:1], text=text[:1], return_tensors="pt"))
+        assert not torch.equal(model._scope.last["indices"][0], alone[0])  # the seed matters
+
+
 def test_05_bad_alpha_is_refused():
     feats, sal = torch.randn(1, 16, 4), torch.rand(1, 16)
     for alpha in (math.inf, math.nan, -1.0):

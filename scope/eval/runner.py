@@ -147,7 +147,9 @@ def evaluate(
         results: dict[str, Any] = {"config": brief_config(config), "tasks": {}}
         with _pruning(model, method, budget, options or {}):
             for task in task_list:
-                entry = _evaluate_task(model, processor, task, config, datasets, out_dir, rank, state, progress)
+                entry = _evaluate_task(
+                    model, processor, task, config, datasets, out_dir, rank, state, progress
+                )
                 if is_main:
                     _add_equivalent_tokens(entry, model, method, budget, options or {})
                     results["tasks"][task.name] = entry
@@ -200,7 +202,9 @@ def _check_pruning(model: Any, method: str | None, budget: int | None, options: 
     check(model, method, budget, **options)
 
 
-def _evaluate_task(model, processor, task: Task, config: dict, datasets, out_dir: Path, rank, state, progress):
+def _evaluate_task(
+    model, processor, task: Task, config: dict, datasets, out_dir: Path, rank, state, progress
+):
     """Answer this process's share of ``task``'s questions, then (main process) merge and score them."""
     limit, seed, world_size = config["limit"], config["seed"], config["world_size"]
     if task.name in datasets:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import zlib
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ from scope.select import prune
 
 from .state import PatchState, left_pack
 
-__all__ = ["vision_features", "select_rows", "collapse_placeholders", "install", "uninstall"]
+__all__ = ["vision_features", "pixel_ids", "select_rows", "collapse_placeholders", "install", "uninstall"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -114,13 +115,26 @@ def vision_features(
     return feats, sal, keys
 
 
+def pixel_ids(pixel_values: torch.Tensor) -> list[int]:
+    """One id per image or crop: the CRC-32 of its pixels (the same whatever batch it comes in)."""
+    flat = pixel_values.detach().float().cpu().reshape(pixel_values.shape[0], -1).numpy()
+    return [zlib.crc32(row.tobytes()) for row in flat]
+
+
 def select_rows(
-    feats: torch.Tensor, sal: torch.Tensor, keys: torch.Tensor, budget: int, method: str, options: dict
+    feats: torch.Tensor,
+    sal: torch.Tensor,
+    keys: torch.Tensor,
+    budget: int,
+    method: str,
+    options: dict,
+    sample_ids: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices ``[n, K]`` (ascending) and rows ``[n, K, d]`` that enter the projector, via ``scope.prune``.
 
     A method whose record names a ``keys_option`` (VisionZip's merge metric) gets the tower's attention keys
-    there unless the caller set it.
+    there unless the caller set it; one whose record names a ``sample_ids_option`` (random) gets
+    ``sample_ids``, one id per row, so its draw depends on the image and not on the batch.
     """
     n, N, _ = feats.shape
     record = get_method(method)
@@ -130,6 +144,8 @@ def select_rows(
     opts = dict(options)
     if record.keys_option is not None and opts.get(record.keys_option) is None:
         opts[record.keys_option] = keys
+    if record.sample_ids_option is not None and opts.get(record.sample_ids_option) is None:
+        opts[record.sample_ids_option] = sample_ids
     out = prune(feats, sal, budget, method, **opts)
     return out.indices, out.features.to(feats.dtype)
 
@@ -201,7 +217,7 @@ def pruned_image_features(model, state: PatchState, pixel_values, image_sizes=No
     feats, sal, keys = vision_features(model, pixel_values, **vision_kw)
     n_img, N, _ = feats.shape
     budget = N if state.budget is None else state.budget
-    idx, rows = select_rows(feats, sal, keys, budget, state.method, state.options)
+    idx, rows = select_rows(feats, sal, keys, budget, state.method, state.options, pixel_ids(pixel_values))
     projected = model.model.multi_modal_projector(rows)
     state.last = {"tokens_per_image": [idx.shape[1]] * n_img, "indices": idx, "n_tokens": N}
     return list(projected), [N] * n_img, [idx.shape[1]] * n_img

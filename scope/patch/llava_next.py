@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .llava import select_rows, vision_features
+from .llava import pixel_ids, select_rows, vision_features
 from .state import PatchState
 
 __all__ = ["pruned_image_features", "crop_counts", "placeholder_counts", "grid_order"]
@@ -70,13 +70,13 @@ def grid_order(idx: torch.Tensor, rows: int, cols: int, side: int) -> tuple[torc
     return perm, g_row.flatten()[perm]
 
 
-def _pruned_image(model, method: str, options: dict, f, s, kk, budget: int, image_size, side: int):
+def _pruned_image(model, method: str, options: dict, f, s, kk, budget: int, image_size, side: int, ids):
     """One image's kept tokens: ``budget // crops`` per crop, base crop first, then the stitched grid."""
     p = f.shape[0]
     k = budget // p
     if k < 1:
         raise ValueError(f"budget={budget} is smaller than the {p} crops of an image: each crop needs >= 1")
-    idx, rows = select_rows(f, s, kk, k, method, options)
+    idx, rows = select_rows(f, s, kk, k, method, options, ids)
     proj = model.model.multi_modal_projector(rows)  # [p, k, D]
     if p == 1:
         return idx, proj[0]
@@ -133,7 +133,10 @@ def pruned_image_features(model, state: PatchState, pixel_values, image_sizes, *
             idx = torch.arange(n_tok, device=f.device).expand(p, n_tok)
             feat_i = packed[0]
         else:
-            idx, feat_i = _pruned_image(model, state.method, options, f, s, kk, budget, image_sizes[i], side)
+            ids = pixel_ids(pixel_values[start - p : start])
+            idx, feat_i = _pruned_image(
+                model, state.method, options, f, s, kk, budget, image_sizes[i], side, ids
+            )
             if keep_newlines:
                 feat_i = _with_newlines(feat_i, idx, p, model, image_sizes[i], side, newline)
         out.append(feat_i)
