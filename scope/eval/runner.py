@@ -115,15 +115,15 @@ def evaluate(
         seed: torch seed (and SynthBench's) for reproducibility; decoding is greedy.
         datasets: {task name: dataset} to use instead of loading (offline fixtures, local copies).
         task_kwargs: {task name: kwargs for its loader}, e.g. {"synthbench": {"image_size": 384}}.
-        overwrite: start afresh even if out_dir holds a run with a different configuration.
+        overwrite: delete the run in out_dir (logs, results, config) and start afresh. Without it, a run
+            already there resumes only if every field of :data:`IDENTITY` agrees (else ValueError).
         rank, world_size: simulate one process of a multi-process run (default: accelerate's PartialState).
 
-    Returns the dict written to results.json (only complete on the main process).
+    Arguments are checked before anything is written; a second process on the same out_dir is refused
+    (:class:`scope.eval.rundir.RunLock`). Returns the dict written to results.json (complete on the main
+    process only).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be >= 1")
+    _check_counts(batch_size=batch_size, max_new_tokens=max_new_tokens)
     task_list = parse_tasks(tasks)
     datasets = {get_task(k).name: v for k, v in (datasets or {}).items()}
     out_dir = Path(out_dir)
@@ -155,12 +155,23 @@ def evaluate(
                     results["tasks"][task.name] = entry
         results["elapsed_s"] = round(time.perf_counter() - t0, 2)
         if is_main:
-            # keep tasks of earlier calls into the same directory (same identity: checked above)
-            path = out_dir / "results.json"
-            old = json.loads(path.read_text()) if path.exists() else {}
-            results["tasks"] = {**old.get("tasks", {}), **results["tasks"]}
-            write_json(path, results)
+            _write_results(out_dir / "results.json", results)
     return results
+
+
+def _write_results(path: Path, results: dict) -> None:
+    # keep tasks of earlier calls into the same directory (same identity: checked when it was opened)
+    old = json.loads(path.read_text()) if path.exists() else {}
+    results["tasks"] = {**old.get("tasks", {}), **results["tasks"]}
+    write_json(path, results)
+
+
+def _check_counts(**counts) -> None:
+    for name, value in counts.items():
+        if value is None and name == "max_new_tokens":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an int >= 1")
 
 
 def run_config(model, model_id, method, budget, options, limit, seed, max_new_tokens, task_kwargs) -> dict:
