@@ -236,14 +236,14 @@ def is_unpruned(name: str | None) -> bool:
 
 def from_paper_label(label: str) -> str:
     """Our method name for a row label of the paper's tables: "SCOPE (Ours)" -> "scope", "PDrop†" -> "pdrop",
-    "Vanilla 13B (CVPR'24)" -> "none". A method we do not have comes back as its bare lower-case name
-    ("SparseVLM" -> "sparsevlm")."""
+    "Vanilla 13B (CVPR'24)" -> "none". A method we do not have comes back as the paper spells it, without
+    venue or dagger ("SparseVLM (ICML'25)" -> "SparseVLM"), which is also how figures then label it."""
     key = _bare(label)
     for m in METHODS.values():
         spellings = (m.name, m.label, m.paper_label or "", *m.aliases)
         if key in {_bare(s) for s in spellings} or key.split(" ")[0] in m.aliases:
             return m.name
-    return key.replace(" ", "")
+    return label.split("(")[0].replace("†", "").strip()
 
 
 def _bare(label: str) -> str:

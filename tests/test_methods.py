@@ -148,3 +148,9 @@ def test_figure_colours_and_markers_come_from_the_registry():
     assert colors["none"] == (0.0, 0.0, 0.0)
     assert colors["mystery"] not in {colors["scope"], colors["none"]}
     assert vis.method_markers(["scope", "pdrop"]) == {"scope": "o", "pdrop": ">"}
+
+
+def test_paper_labels_map_to_our_names_and_unknown_methods_keep_the_papers_spelling():
+    assert from_paper_label("PyramidDrop") == "pdrop" and from_paper_label("Vanilla 13B (CVPR'24)") == "none"
+    assert from_paper_label("SparseVLM (ICML'25)") == "SparseVLM"
+    assert vis.method_label(from_paper_label("SparseVLM")) == "SparseVLM"
