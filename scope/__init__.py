@@ -20,7 +20,7 @@ import importlib
 from .coverage import coverage_gain, set_coverage, theta_coverage
 from .load import load
 from .methods import METHODS, Method, Option, get_method, register
-from .patch import equivalent_tokens, is_patched, patch, unpatch
+from .patch import equivalent_tokens, is_patched, patch, reuse_vision_features, unpatch
 from .select import Pruned, prune, scope_greedy_fast, scope_greedy_reference, select
 
 __version__ = "0.1.0"
@@ -44,6 +44,7 @@ _EXPORTS = {
     "unpatch": "scope.patch",
     "is_patched": "scope.patch",
     "equivalent_tokens": "scope.patch",
+    "reuse_vision_features": "scope.patch",
     "load": "scope.load",
     "evaluate": "scope.eval",
     "sweep": "scope.eval",

@@ -292,3 +292,28 @@ def test_package_attributes_are_the_functions_even_after_importing_the_submodule
     with scope.patch(model, method="scope", budget=4) as patched:
         assert patched is model and is_patched(model)
     assert not is_patched(model)
+
+
+@torch.no_grad()
+def test_reused_vision_features_give_the_same_picks_and_run_the_tower_once(llava, llava_next):
+    for model, processor in (llava, llava_next):
+        inputs = _inputs(processor, ["what ?", "yes"], tiny_images(2, size=(64, 32), seed=5))
+        calls = []
+        hook = model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+        try:
+            plain = {}
+            for method in ("scope", "visionzip", "random"):
+                with scope.patch(model, method, 6):
+                    plain[method] = (model(**inputs).logits, model._scope.last["indices"])
+            n_plain = len(calls)
+            with scope.reuse_vision_features(model) as cache:
+                for method in ("scope", "visionzip", "random"):
+                    with scope.patch(model, method, 6):
+                        logits, idx = model(**inputs).logits, model._scope.last["indices"]
+                    assert torch.equal(logits, plain[method][0])
+                    assert all(torch.equal(a, b) for a, b in zip(idx, plain[method][1]))
+        finally:
+            hook.remove()
+        assert n_plain == 3 and len(calls) - n_plain == 1  # one tower pass for three methods
+        assert (cache.hits, cache.misses) == (2, 1)
+        assert "_scope_vision_cache" not in model.__dict__  # gone after the block

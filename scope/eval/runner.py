@@ -336,13 +336,19 @@ def sweep(
     """Evaluate every method x budget (plus the unpruned model once) with one loaded model.
 
     Re-patching a loaded model takes milliseconds, reloading it takes seconds to minutes: notebooks sweep
-    through this. Each combination gets its own run directory ``out_root/<method>-<budget>`` (``none`` for
+    through this. The vision tower runs once per batch of images for all the runs
+    (:func:`scope.patch.reuse_vision_features`): the runs see the same batches, so nothing changes but time. Each combination gets its own run directory ``out_root/<method>-<budget>`` (``none`` for
     the unpruned one), so interrupted sweeps resume per combination. Returns {run name: results}.
     """
     out_root = Path(out_root)
     runs: list[tuple[str, str, int | None]] = [(UNPRUNED, UNPRUNED, None)] if include_unpruned else []
     runs += [(f"{m}-{b}", m, b) for m in methods if not is_unpruned(m) for b in budgets]
     out = {}
-    for name, m, b in runs:
-        out[name] = evaluate(model, processor, tasks, out_dir=out_root / name, method=m, budget=b, **kwargs)
+    from scope.patch import reuse_vision_features
+
+    with reuse_vision_features(model):  # every run sees the same batches of pixels: run the tower once
+        for name, m, b in runs:
+            out[name] = evaluate(
+                model, processor, tasks, out_dir=out_root / name, method=m, budget=b, **kwargs
+            )
     return out

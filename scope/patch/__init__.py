@@ -57,9 +57,10 @@ from typing import Any
 
 from scope.methods import IN_LLM, NONE, get_method, names
 
+from .cache import reuse_vision_features
 from .state import PatchState
 
-__all__ = ["patch", "unpatch", "is_patched", "check", "equivalent_tokens"]
+__all__ = ["patch", "unpatch", "is_patched", "check", "equivalent_tokens", "reuse_vision_features"]
 
 # options of the patch itself (not of the method), by model family
 _FAMILY_OPTIONS = {"llava": (), "llava_next": ("keep_newlines",)}

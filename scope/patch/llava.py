@@ -38,6 +38,7 @@ import torch
 from scope.methods import NONE, get_method
 from scope.select import prune
 
+from .cache import cached_vision_features
 from .state import PatchState, left_pack
 
 __all__ = ["vision_features", "pixel_ids", "select_rows", "collapse_placeholders", "install", "uninstall"]
@@ -85,9 +86,19 @@ def vision_features(
     features ``[n, N, d]``: ``hidden_states[vision_feature_layer]`` (CLS dropped for strategy "default");
     saliency ``[n, N]``: softmax(q_cls k^T / sqrt(d_head)) of that layer summed over heads;
     keys ``[n, N, d_head]``: that layer's attention keys averaged over heads (VisionZip's merge metric).
+    Inside :func:`scope.patch.reuse_vision_features` a batch of pixels seen before is not run again.
     """
     strategy = vision_feature_select_strategy or model.config.vision_feature_select_strategy
     layer, attn_layer = _feature_layer(model, vision_feature_layer)
+    return cached_vision_features(
+        model,
+        pixel_values,
+        (layer, strategy),
+        lambda: _run_tower(model, pixel_values, layer, attn_layer, strategy),
+    )
+
+
+def _run_tower(model, pixel_values, layer: int, attn_layer: int, strategy: str):
     attn = _encoder_layers(model)[attn_layer].self_attn
     got: dict[str, torch.Tensor] = {}
 
