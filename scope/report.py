@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scope import lock
 from scope.eval.rundir import read_jsonl
 from scope.eval.tasks import get_task
 from scope.methods import METHODS, UNPRUNED, from_paper_label, is_unpruned
@@ -538,6 +539,7 @@ def save_table(
     out = output_dir(figures_dir)
     csv, md = out / f"{name}.csv", out / f"{name}.md"
     df.to_csv(csv, index=False, float_format=CSV_FLOAT_FORMAT)
+    source = f"{source}; environment: {lock.label()}"
     text = ([f"**{title}**", ""] if title else []) + [to_markdown(df, floatfmt), "", f"Source: {source}", ""]
     md.write_text("\n".join(text))
     return [csv, md]

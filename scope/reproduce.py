@@ -79,6 +79,60 @@ def discover(notebooks_dir: Path = NOTEBOOKS_DIR, only: list[str] | None = None)
     return found
 
 
+# tables that hold measurements (times), not results: they differ from one run to the next
+MEASURED_TABLES = ("06_latency.csv",)
+
+
+def committed_tables(figures_dir: Path = FIGURES_DIR) -> dict[str, bytes]:
+    """The CSV tables of ``figures/`` as committed (git HEAD); as on disk where git cannot tell."""
+    import subprocess
+
+    rel = Path(figures_dir).resolve().relative_to(REPO_ROOT).as_posix()
+    try:
+        names = subprocess.run(
+            ["git", "ls-tree", "--name-only", "HEAD", f"{rel}/"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        out = {}
+        for name in (n for n in names if n.endswith(".csv")):
+            show = subprocess.run(
+                ["git", "show", f"HEAD:{name}"], cwd=REPO_ROOT, capture_output=True, check=True
+            )
+            out[Path(name).name] = show.stdout
+        if out:
+            return out
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return {p.name: p.read_bytes() for p in sorted(Path(figures_dir).glob("*.csv"))}
+
+
+def compare_tables(committed: dict[str, bytes], figures_dir: Path) -> dict[str, list[str]]:
+    """Regenerated CSV tables against the committed ones: {"equal": [...], "differ": [...], "new": [...],
+    "measured": [...]} (measured tables are expected to differ and are listed apart)."""
+    out: dict[str, list[str]] = {"equal": [], "differ": [], "new": [], "measured": []}
+    for path in sorted(Path(figures_dir).glob("*.csv")):
+        if path.name in MEASURED_TABLES:
+            out["measured"].append(path.name)
+        elif path.name not in committed:
+            out["new"].append(path.name)
+        else:
+            out["equal" if path.read_bytes() == committed[path.name] else "differ"].append(path.name)
+    return out
+
+
+def _print_comparison(result: dict[str, list[str]]) -> None:
+    print(f"\n[reproduce] {len(result['equal'])} regenerated tables equal the committed ones", end="")
+    print(f"; {', '.join(result['measured'])} measured (differs by run)" if result["measured"] else "")
+    if result["differ"]:
+        print(f"[reproduce] DIFFERENT from the committed tables: {', '.join(result['differ'])}")
+    if result["new"]:
+        print(f"[reproduce] new tables (not committed yet): {', '.join(result['new'])}")
+    if not result["differ"] and not result["new"]:
+        print("[reproduce] every result table is as committed")
+
+
 def _parse_param(text: str) -> tuple[str, object]:
     """``key=value`` with value read as YAML (so 50 -> int, [64,128] -> list, true -> bool)."""
     import yaml
@@ -183,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
+    committed = committed_tables() if not args.smoke else {}
     total = time.perf_counter()
     try:
         timings = run_notebooks(notebooks, executed_dir, parameters, results_root, args.kernel)
@@ -195,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, seconds in timings:
         print(f"{name:<{width}}  {seconds:7.1f}")
     print(f"{'total':<{width}}  {total:7.1f}  ({mode} mode)")
+    if not args.smoke:  # smoke runs use tiny limits: their tables are not the committed ones
+        _print_comparison(compare_tables(committed, figures_dir))
     return 0
 
 

@@ -22,6 +22,7 @@ import seaborn as sns
 from matplotlib.colors import to_rgb
 from matplotlib.patches import Rectangle
 
+from scope import lock
 from scope.methods import METHODS, PALETTE
 from scope.report import check_columns, check_name, method_label, output_dir
 
@@ -441,7 +442,8 @@ def plot_alpha_and_combine(
 def save_figure(fig: plt.Figure, name: str, source: str, figures_dir=None) -> list[Path]:
     """Stamp ``source`` under the figure and write ``<figures_dir>/<name>.png`` and ``.pdf``.
 
-    ``source`` says what produced the figure, e.g. "MiniLLaVA (data/minillava), SynthBench test, 200 images".
+    ``source`` says what produced the figure, e.g. "MiniLLaVA (data/minillava), SynthBench test, 200 images";
+    the environment lock it was made under (:func:`scope.lock.label`) is added to it.
     """
     check_name(name)
     if not source:
@@ -450,6 +452,7 @@ def save_figure(fig: plt.Figure, name: str, source: str, figures_dir=None) -> li
     # Put the source line just under everything already drawn (tick labels, legends below the axes).
     box = fig.get_tightbbox(fig.canvas.get_renderer())
     x, y = box.x0 / fig.get_figwidth(), box.y0 / fig.get_figheight()
+    source = f"{source}; environment: {lock.label()}"
     fig.text(x, y - 0.01, f"Source: {source}", ha="left", va="top", fontsize=7, color="0.35")
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
     for p in paths:

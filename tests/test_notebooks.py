@@ -122,3 +122,20 @@ def test_notebooks_call_library_helpers_that_exist_and_define_none_of_their_own(
     # helpers live in the library (scope.notebook, scope.report, scope.vis), not copied between notebooks
     defined = re.findall(r"^def (\w+)", code, flags=re.M)
     assert not set(defined) & {"vision_inputs", "method_options"}, defined
+
+
+def test_reproduce_tells_which_regenerated_tables_differ_from_the_committed(tmp_path):
+    from scope.reproduce import compare_tables, committed_tables
+
+    (tmp_path / "01_a.csv").write_text("x\n1\n")
+    (tmp_path / "02_b.csv").write_text("x\n2\n")
+    (tmp_path / "03_new.csv").write_text("x\n3\n")
+    (tmp_path / "06_latency.csv").write_text("ms\n9\n")
+    committed = {"01_a.csv": b"x\n1\n", "02_b.csv": b"x\n0\n", "06_latency.csv": b"ms\n8\n"}
+    assert compare_tables(committed, tmp_path) == {
+        "equal": ["01_a.csv"],
+        "differ": ["02_b.csv"],
+        "new": ["03_new.csv"],
+        "measured": ["06_latency.csv"],
+    }
+    assert "01_theta_coverage.csv" in committed_tables()  # the repository's own, from git

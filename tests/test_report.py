@@ -8,7 +8,7 @@ import random
 import pandas as pd
 import pytest
 
-from scope import report
+from scope import lock, report
 from scope.eval import rescore
 from scope.paths import PAPER_DIR
 
@@ -361,7 +361,10 @@ def test_save_table_writes_csv_and_markdown_with_source(tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(csv), df)
     text = md.read_text()
     assert text.startswith("**Demo**\n\n| method | acc |")
-    assert "| SCOPE | 91.2 |" in text and "| Random | – |" in text and text.endswith("\nSource: TinyModel\n")
+    assert "| SCOPE | 91.2 |" in text and "| Random | – |" in text and text.endswith(
+        f"\nSource: TinyModel; environment: {lock.label()}\n"
+    )
+    assert lock.label().startswith("constraints.txt sha256:")
     # the CSV drops float32 noise: values equal to 6 significant digits are written identically
     noisy = pd.DataFrame({"v": [86.94842300998668, 0.87545080576092]})
     close = pd.DataFrame({"v": [86.94842300998669, 0.8754508011043072]})
