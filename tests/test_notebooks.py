@@ -125,7 +125,7 @@ def test_notebooks_call_library_helpers_that_exist_and_define_none_of_their_own(
 
 
 def test_reproduce_tells_which_regenerated_tables_differ_from_the_committed(tmp_path):
-    from scope.reproduce import compare_tables, committed_tables
+    from scope.reproduce import committed_tables, compare_tables
 
     (tmp_path / "01_a.csv").write_text("x\n1\n")
     (tmp_path / "02_b.csv").write_text("x\n2\n")
