@@ -299,7 +299,7 @@ def test_reused_vision_features_give_the_same_picks_and_run_the_tower_once(llava
     for model, processor in (llava, llava_next):
         inputs = _inputs(processor, ["what ?", "yes"], tiny_images(2, size=(64, 32), seed=5))
         calls = []
-        hook = model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+        hook = model.model.vision_tower.register_forward_hook(lambda *a, calls=calls: calls.append(1))
         try:
             plain = {}
             for method in ("scope", "visionzip", "random"):
