@@ -196,8 +196,11 @@ def register(method: Method, replace: bool = False) -> Method:
     taken = [n for n in (method.name, *method.aliases) if n in METHODS or n in _ALIASES]
     if taken and not replace:
         raise ValueError(f"method name(s) {taken} already registered; pass replace=True to redefine")
-    if replace and method.name in METHODS:
-        unregister(method.name)
+    if replace:
+        if method.name in METHODS:
+            unregister(method.name)
+        for n in (method.name, *method.aliases):  # a name another method used as an alias is now this one
+            _ALIASES.pop(n, None)
     METHODS[method.name] = method
     for alias in method.aliases:
         _ALIASES[alias] = method.name
@@ -216,9 +219,10 @@ def get_method(name: str | Method) -> Method:
     if isinstance(name, Method):
         return name
     if isinstance(name, str):
-        key = _ALIASES.get(name, name)
-        if key in METHODS:
-            return METHODS[key]
+        if name in METHODS:  # a registered name wins over another method's alias
+            return METHODS[name]
+        if name in _ALIASES:
+            return METHODS[_ALIASES[name]]
     raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
 
 
@@ -256,12 +260,31 @@ def _bare(label: str) -> str:
 # --------------------------------------------------------------------------------------------------------
 
 
+def _number(x) -> float | None:
+    """``x`` as a Python number when it is one: ints, floats, numpy scalars, one-element tensors; bools and
+    everything else give None."""
+    if isinstance(x, bool) or type(x).__name__ == "bool_":
+        return None
+    if isinstance(x, numbers.Real):
+        return float(x)
+    if hasattr(x, "item") and getattr(x, "numel", lambda: getattr(x, "size", 0))() == 1:
+        value = x.item()
+        return None if isinstance(value, bool) else _number(value)
+    return None
+
+
 def _finite_nonneg(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+    v = _number(x)
+    return v is not None and math.isfinite(v) and v >= 0
 
 
 def _int(lo: int | None = None) -> Callable[[Any], bool]:
-    return lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool) and (lo is None or x >= lo)
+    # whole numbers in any numeric type (3, 3.0, numpy.int64(3), tensor(3)); 2.5 is refused
+    def check(x) -> bool:
+        v = _number(x)
+        return v is not None and math.isfinite(v) and v.is_integer() and (lo is None or v >= lo)
+
+    return check
 
 
 def _one_of(*values) -> Callable[[Any], bool]:
@@ -277,8 +300,8 @@ def _grid(x) -> bool:
 
 
 def _layers(x) -> bool:
-    xs = list(x)
-    return bool(xs) and all(_int(1)(v) for v in xs) and xs == sorted(set(xs))
+    xs = [_number(v) for v in x]
+    return bool(xs) and all(_int(1)(v) for v in x) and xs == sorted(set(xs))
 
 
 def _ints(x) -> bool:
@@ -286,7 +309,8 @@ def _ints(x) -> bool:
 
 
 def _ratio(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < 1
+    v = _number(x)
+    return v is not None and 0 < v < 1
 
 
 def _tensor_or_none(x) -> bool:

@@ -34,7 +34,7 @@ import pandas as pd
 from scope import lock
 from scope.eval.rundir import read_jsonl
 from scope.eval.tasks import get_task
-from scope.methods import METHODS, UNPRUNED, from_paper_label, is_unpruned
+from scope.methods import METHODS, UNPRUNED, from_paper_label, get_method, is_unpruned
 from scope.paths import PAPER_DIR
 
 # SynthBench families -> the paper benchmark each mirrors (column headers of our Table 1 analogue).
@@ -59,13 +59,13 @@ CSV_FLOAT_FORMAT = "%.6g"
 def method_label(method: str) -> str:
     """How our tables and figures print a method: its registry label ("All tokens" for the unpruned model);
     unknown names unchanged."""
-    record = METHODS.get(method)
+    record = METHODS.get(method_name(method))
     return record.label if record is not None else method
 
 
 def paper_label(method: str) -> str:
     """How the paper's tables name ``method`` (its record's paper label, else its label, else the name)."""
-    record = METHODS.get(method)
+    record = METHODS.get(method_name(method))
     if record is None:
         return method
     return record.paper_label or record.label
@@ -131,6 +131,15 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"cannot read {path}: {err}") from None
     return out
+
+
+def method_name(name: str) -> str:
+    """A run's method as the registry names it (aliases such as "pyramiddrop" -> "pdrop"); names this
+    session has not registered are kept as they are."""
+    try:
+        return get_method(name).name
+    except ValueError:
+        return name
 
 
 def is_unpruned_run(cfg: dict) -> bool:
@@ -233,7 +242,7 @@ def results_long(
         unpruned = is_unpruned_run(cfg)
         budget = _unpruned_budget(results) if unpruned else cfg.get("budget")
         for task, res in results.items():
-            n, complete = res["n"], res.get("complete", True)
+            n, complete, metrics_of_run = res["n"], res.get("complete", True), res.get("metrics", {})
             records = None
             if ci:
                 records = read_jsonl(d / "samples" / f"{task}.jsonl", require=("idx",))
@@ -241,23 +250,26 @@ def results_long(
                     warnings.warn(
                         f"run {d.name}, task {task}: results.json counts {n} answers but the sample log "
                         f"holds {len(records)}; the run is incomplete (rerun its command to finish it); n "
-                        "and the interval are those of the logged answers",
+                        "values and intervals are those of the logged answers",
                         stacklevel=2,
                     )
                     n, complete = len(records), False
+                    metrics_of_run = (
+                        get_task(task).aggregate(records)
+                        if records
+                        else dict.fromkeys([*res.get("metrics", {}), res["main"]], math.nan)
+                    )
             for metric in _metric_names(task, res, metrics):
                 row = {
                     "run": d.name,
                     "model": cfg.get("model"),
-                    "method": UNPRUNED if unpruned else cfg["method"],
+                    "method": UNPRUNED if unpruned else method_name(cfg["method"]),
                     "budget": budget,
                     "options": json_options(cfg.get("options")),
                     "task": task,
                     "metric": metric,
                     "column": column_name(task, metric),
-                    "value": res.get("metrics", {}).get(
-                        metric, res["value"] if metric == res["main"] else math.nan
-                    ),
+                    "value": metrics_of_run.get(metric, res["value"] if metric == res["main"] else math.nan),
                     "n": n,
                     "complete": complete,
                     "visual_tokens": res.get("mean_kept_tokens"),

@@ -177,6 +177,8 @@ def _combine(gain: torch.Tensor, weight: torch.Tensor, combine: str) -> torch.Te
 def _scope_weight(saliency, shape, like, alpha, combine):
     if combine not in ("mul", "add"):
         raise ValueError(f"combine must be 'mul' or 'add', got {combine!r}")
+    if isinstance(alpha, bool) or not math.isfinite(float(alpha)) or float(alpha) < 0:
+        raise ValueError(f"alpha must be a finite number >= 0, got alpha={alpha!r}")
     if alpha == 0 or saliency is None:
         if saliency is None and alpha != 0:
             raise ValueError(f"SCOPE with alpha={alpha} needs saliency; pass saliency or use alpha=0")

@@ -24,7 +24,7 @@ from matplotlib.patches import Rectangle
 
 from scope import lock
 from scope.methods import METHODS, PALETTE
-from scope.report import check_columns, check_name, method_label, output_dir
+from scope.report import check_columns, check_name, method_label, method_name, output_dir
 
 
 def set_style(context: str = "notebook") -> None:
@@ -49,7 +49,7 @@ def method_colors(methods: Iterable[str] | None = None) -> dict[str, tuple[float
     spare = iter([c for c in PALETTE if c not in used] + list(PALETTE))
     colors: dict[str, tuple[float, float, float]] = {}
     for m in methods:
-        record = METHODS.get(m)
+        record = METHODS.get(method_name(m))
         color = record.color if record is not None and record.color else next(spare)
         colors[m] = tuple(float(v) for v in to_rgb(color))
     return colors
@@ -58,9 +58,10 @@ def method_colors(methods: Iterable[str] | None = None) -> dict[str, tuple[float
 def method_markers(methods: Iterable[str]) -> dict[str, str]:
     """A marker per method (shape as well as colour, so curves stay apart in grey-scale print)."""
     methods = list(methods)
-    used = {METHODS[m].marker for m in methods if m in METHODS}
+    names = {m: method_name(m) for m in methods}
+    used = {METHODS[n].marker for n in names.values() if n in METHODS}
     spare = iter([m for m in "hpd8H*o" if m not in used])
-    return {m: METHODS[m].marker if m in METHODS else next(spare, "o") for m in methods}
+    return {m: METHODS[names[m]].marker if names[m] in METHODS else next(spare, "o") for m in methods}
 
 
 def token_grid(n_tokens: int) -> tuple[int, int]:

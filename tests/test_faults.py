@@ -302,6 +302,136 @@ def test_12_missing_samples_mark_the_run_incomplete_and_n_counts_the_scored(tiny
         long = report.results_long([tmp_path / "a"], ci=True, n_boot=50)
     row = long.iloc[0]
     assert row["n"] == 4 and not row["complete"] and row["lo"] == row["lo"]  # interval kept (not NaN)
+    from scope.eval import get_task
+
+    logged = read_jsonl(log, require=("idx",))
+    assert row["value"] == get_task("pope").aggregate(logged)[row["metric"]]  # the value of the same 4
     with pytest.warns(UserWarning):
         report.main([str(tmp_path), "--n-boot", "20"])
     assert "Incomplete runs" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------- found in review
+
+
+def test_a_sweep_with_method_options_runs_its_unpruned_model_without_them(tiny, tmp_path):
+    from scope.eval import sweep
+
+    model, proc = tiny
+    ds = {"pope": fixture("pope")}
+    runs = sweep(model, proc, "pope", out_root=tmp_path, methods=["scope"], budgets=[4], options={"alpha": 0.5},
+                 datasets=ds, limit=2, max_new_tokens=2, progress=False)  # fmt: skip
+    assert list(runs) == ["none", "scope-4"]
+    assert json.loads((tmp_path / "none" / "config.json").read_text())["options"] == {}
+    assert json.loads((tmp_path / "scope-4" / "config.json").read_text())["options"] == {"alpha": 0.5}
+
+
+def test_numeric_option_values_of_any_type_are_accepted():
+    import numpy as np
+
+    feats, sal = torch.randn(1, 36, 8), torch.rand(1, 36)
+    ref = scope.select(feats, sal, 4, alpha=0.5)
+    for alpha in (np.float32(0.5), torch.tensor(0.5)):
+        assert torch.equal(scope.select(feats, sal, 4, alpha=alpha), ref)
+    seeded = scope.select(feats, sal, 4, method="random", seed=3)
+    for seed in (3.0, np.int64(3), torch.tensor(3)):
+        assert torch.equal(scope.select(feats, sal, 4, method="random", seed=seed), seeded)
+    assert scope.select(feats, sal, 8, method="visionzip", n_contextual=2.0).shape == (1, 8)
+    assert scope.select(feats, sal, 4, method="uniform", grid=torch.tensor([6, 6])).shape == (1, 4)
+    for bad in (dict(alpha=True), dict(method="random", seed=2.5), dict(method="uniform", grid=(6, 0))):
+        with pytest.raises(ValueError):
+            scope.select(feats, sal, 4, **bad)
+
+
+def test_the_greedy_functions_refuse_a_bad_alpha_too():
+    feats, sal = torch.randn(1, 16, 4), torch.rand(1, 16)
+    for fn in (scope.scope_greedy_fast, scope.scope_greedy_reference):
+        with pytest.raises(ValueError, match="alpha"):
+            fn(feats, sal, 4, alpha=math.nan)
+
+
+def test_rescore_waits_its_turn_on_a_live_run(tiny, tmp_path):
+    from scope.eval import rescore
+
+    _eval(*tiny, tmp_path, method="scope", budget=4, limit=1)
+    with RunLock(tmp_path):
+        with pytest.raises(RuntimeError, match="in use"):
+            rescore(tmp_path)
+    assert rescore(tmp_path)["tasks"]["pope"]["n"] == 1
+
+
+def test_aliases_are_recorded_and_reported_by_the_methods_name(tiny, tmp_path):
+    from scope import report
+
+    _eval(*tiny, tmp_path / "p", method="pyramiddrop", budget=4, limit=1)
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["method"] == "pdrop"
+    assert report.method_label("pyramiddrop") == "PDrop"
+    _eval(*tiny, tmp_path / "v", method="vanilla", limit=1)
+    with pytest.raises(ValueError, match="method"):  # "vanilla" there is "none": another method than pdrop
+        _eval(*tiny, tmp_path / "v", method="pdrop", budget=4, limit=1)
+
+
+def test_a_truncated_results_json_does_not_block_a_resume(tiny, tmp_path):
+    _eval(*tiny, tmp_path, method="scope", budget=4, limit=2)
+    (tmp_path / "results.json").write_text('{"tasks": {"po')
+    with pytest.warns(UserWarning, match="results.json is unreadable"):
+        res = _eval(*tiny, tmp_path, method="scope", budget=4, limit=2)
+    assert res["tasks"]["pope"]["n"] == 2
+    assert json.loads((tmp_path / "results.json").read_text())["tasks"]["pope"]["n"] == 2
+
+
+def test_an_empty_lock_file_left_by_a_crash_is_taken_over(tiny, tmp_path):
+    (tmp_path / ".lock").write_text("")
+    os.utime(tmp_path / ".lock", (1, 1))  # written long ago
+    _eval(*tiny, tmp_path, method="scope", budget=4, limit=1)
+
+
+def test_an_empty_budget_list_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "scope.load", types.SimpleNamespace(load=lambda *a, **k: tiny_llava()))
+    from scope.eval.__main__ import main
+
+    with pytest.raises(SystemExit, match="names no budget"):
+        main(["--budget", ",", "--out", str(tmp_path)])
+
+
+def _rank_main(rank, world, init_file, out_dir, seed, queue):
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world)
+    )
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=init_file, ACCELERATE_USE_CPU="1")
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_eval_runner import CharProcessor, ScriptedModel
+
+    try:
+        evaluate(ScriptedModel({}), CharProcessor(), "pope", out_dir=out_dir, datasets={"pope": fixture("pope")},
+                 seed=seed, progress=False)  # fmt: skip
+        queue.put((rank, "ok"))
+    except ValueError as err:
+        queue.put((rank, f"ValueError: {err}"))
+
+
+def test_a_refused_resume_is_raised_on_every_rank(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a free port for the gloo rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    ctx = multiprocessing.get_context("spawn")
+    _eval(*tiny_llava(seed=0), tmp_path, method=None, seed=1)  # a run with seed 1 is there
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, tmp_path, 2, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    outcomes = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    assert all("another configuration" in outcomes[r] and "seed" in outcomes[r] for r in range(2)), outcomes
+    # the same two processes on a fresh directory share one run: two ranks, every question once
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, tmp_path / "fresh", 2, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    assert dict(queue.get(timeout=120) for _ in procs) == {0: "ok", 1: "ok"}
+    for p in procs:
+        p.join(30)
+    assert json.loads((tmp_path / "fresh" / "config.json").read_text())["world_size"] == 2
+    assert [r["idx"] for r in read_jsonl(tmp_path / "fresh" / "samples" / "pope.jsonl")] == list(range(6))

@@ -154,3 +154,13 @@ def test_paper_labels_map_to_our_names_and_unknown_methods_keep_the_papers_spell
     assert from_paper_label("PyramidDrop") == "pdrop" and from_paper_label("Vanilla 13B (CVPR'24)") == "none"
     assert from_paper_label("SparseVLM (ICML'25)") == "SparseVLM"
     assert vis.method_label(from_paper_label("SparseVLM")) == "SparseVLM"
+
+
+def test_a_registered_name_wins_over_another_methods_alias():
+    record = Method("vanilla", PRE_LLM, "Vanilla top-norm", fn=_top_norm)
+    register(record, replace=True)
+    try:
+        assert get_method("vanilla") is record and get_method("none").name == "none"
+    finally:
+        unregister("vanilla")
+    assert "vanilla" not in METHODS

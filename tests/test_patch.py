@@ -317,3 +317,19 @@ def test_reused_vision_features_give_the_same_picks_and_run_the_tower_once(llava
         assert n_plain == 3 and len(calls) - n_plain == 1  # one tower pass for three methods
         assert (cache.hits, cache.misses) == (2, 1)
         assert "_scope_vision_cache" not in model.__dict__  # gone after the block
+
+
+def test_vision_cache_keeps_its_first_entries_when_full():
+    from scope.patch.cache import VisionCache
+
+    cache = VisionCache(max_bytes=2 * 4 * 10)  # room for two entries of ten float32 values
+    batches = [torch.full((1, 10), float(i)) for i in range(3)]
+    for _ in range(2):  # a sweep reads the same batches twice, in the same order
+        for b in batches:
+            key = cache.key(b)
+            if cache.get(key) is None:
+                cache.put(key, (b * 2,))
+    assert (cache.hits, cache.misses) == (2, 4)  # the first two hit in the second pass; the third never fits
+    got = cache.get(cache.key(batches[0]))[0]
+    got.add_(1)  # a caller changing what it got does not change the cache
+    assert torch.equal(cache.get(cache.key(batches[0]))[0], batches[0] * 2)

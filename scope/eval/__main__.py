@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         budgets = [int(b) for b in args.budget.split(",") if b.strip()]
     except ValueError:
         raise SystemExit(f"--budget={args.budget!r} must be integers separated by commas") from None
+    if not budgets:
+        raise SystemExit(f"--budget={args.budget!r} names no budget; give one or more, comma-separated")
     options = {}
     for kv in args.option:
         if "=" not in kv:
@@ -78,9 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         options[k.strip()] = _value(v.strip())
 
     import torch
-    from accelerate import PartialState
 
-    state = PartialState()
+    from scope.eval.runner import partial_state
+
+    state = partial_state()  # several CPU processes get the gloo group before anything else asks
     kwargs = {}
     if args.dtype:
         kwargs["dtype"] = getattr(torch, args.dtype)

@@ -178,17 +178,31 @@ def score_records(task: Task, records: list[dict], n_expected: int | None = None
 
 
 def rescore(out_dir: str | Path) -> dict[str, Any]:
-    """Recompute results.json of a run directory from its JSONL logs (merging rank files first)."""
+    """Recompute results.json of a run directory from its JSONL logs (merging rank files first). Takes the
+    directory's lock: a run still writing there is not merged under its feet."""
     out_dir = Path(out_dir)
-    cfg = json.loads((out_dir / "config.json").read_text())
-    old = json.loads((out_dir / "results.json").read_text()) if (out_dir / "results.json").exists() else {}
-    results = {"config": brief_config(cfg), "tasks": {}}
-    for task in parse_tasks(cfg["tasks"]):
-        recs = merge_task(out_dir, task.name)
-        n_exp = old.get("tasks", {}).get(task.name, {}).get("n_expected")
-        results["tasks"][task.name] = score_records(task, recs, n_exp)
-    write_json(out_dir / "results.json", results)
+    with RunLock(out_dir):
+        cfg = json.loads((out_dir / "config.json").read_text())
+        old = read_results(out_dir / "results.json")
+        results = {"config": brief_config(cfg), "tasks": {}}
+        for task in parse_tasks(cfg["tasks"]):
+            recs = merge_task(out_dir, task.name)
+            n_exp = old.get("tasks", {}).get(task.name, {}).get("n_expected")
+            results["tasks"][task.name] = score_records(task, recs, n_exp)
+        write_json(out_dir / "results.json", results)
     return results
+
+
+def read_results(path: Path) -> dict:
+    """A run's results.json, or {} when it is missing or unreadable (a warning names the file: its tasks are
+    scored again from their logs)."""
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        warnings.warn(f"{path} is unreadable ({err}); rewriting it from the sample logs", stacklevel=2)
+        return {}
 
 
 def brief_config(cfg: dict) -> dict:
@@ -262,8 +276,23 @@ class RunLock:
 
     def __init__(self, out_dir: str | Path):
         self.path = Path(out_dir) / ".lock"
+        self.held = False
 
     def __enter__(self) -> RunLock:
+        if not self.held:
+            self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def acquire(self) -> RunLock:
+        """Take the lock (RuntimeError naming the holder if another live process has it); returns self."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
         for _ in range(3):
@@ -271,7 +300,7 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 holder = _read_holder(self.path)
-                if _alive(holder):
+                if _alive(holder, self.path):
                     raise RuntimeError(
                         f"run directory {str(self.path.parent)!r} is in use by process {holder.get('pid')} "
                         f"on {holder.get('host')} (since {holder.get('since')}); wait for it to finish, or "
@@ -281,11 +310,9 @@ class RunLock:
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
+            self.held = True
             return self
         raise RuntimeError(f"could not take the lock {self.path}")
-
-    def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)
 
 
 def _now() -> str:
@@ -294,14 +321,20 @@ def _now() -> str:
 
 def _read_holder(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        holder = json.loads(path.read_text())
+        return holder if isinstance(holder, dict) else {}
     except (OSError, json.JSONDecodeError):
-        return {}  # being written this instant, or garbage: treated as held
+        return {}
 
 
-def _alive(holder: dict) -> bool:
+def _alive(holder: dict, path: Path) -> bool:
+    if not holder:  # empty or garbage: being written this instant, or its writer died between create and write
+        try:
+            return _dt.datetime.now().timestamp() - path.stat().st_mtime < 10
+        except OSError:
+            return False
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-        return True  # another machine (or unreadable): we cannot tell, so it counts as held
+        return True  # another machine: we cannot tell, so it counts as held
     try:
         os.kill(holder["pid"], 0)
     except ProcessLookupError:

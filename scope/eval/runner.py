@@ -32,6 +32,7 @@ from scope.eval.rundir import (
     model_identity,
     open_run_dir,
     package_versions,
+    read_results,
     repair_tail,
     score_records,
     write_json,
@@ -136,11 +137,11 @@ def evaluate(
     _check_pruning(model, method, budget, options or {})  # before anything is written
     config = run_config(model, model_id, method, budget, options, limit, seed, max_new_tokens, task_kwargs)
     config.update(tasks=[t.name for t in task_list], batch_size=batch_size, world_size=world_size)
-    with RunLock(out_dir) if is_main else contextlib.nullcontext():
-        if is_main:
-            open_run_dir(out_dir, config, IDENTITY, overwrite)
-        if state is not None:
-            state.wait_for_everyone()
+    lock = RunLock(out_dir) if is_main else None
+    # the main process takes the directory; a refusal (another run there, another process on it) is
+    # raised on every rank, not on the main one alone while the others wait at a barrier
+    on_every_rank(state, (lambda: _open(lock, out_dir, config, overwrite)) if is_main else None)
+    with lock if lock is not None else contextlib.nullcontext():
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)
         t0 = time.perf_counter()
@@ -159,9 +160,38 @@ def evaluate(
     return results
 
 
+def _open(lock: RunLock, out_dir: Path, config: dict, overwrite: bool) -> None:
+    lock.acquire()
+    try:
+        open_run_dir(out_dir, config, IDENTITY, overwrite)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def on_every_rank(state, main_step) -> None:
+    """Run ``main_step()`` (given on the main process only); if it raises ValueError or RuntimeError, raise
+    the same error on every process (the others learn of it through a broadcast instead of waiting at a
+    barrier)."""
+    failure = None
+    if main_step is not None:
+        try:
+            main_step()
+        except (ValueError, RuntimeError) as err:
+            failure = (type(err).__name__, str(err))
+            if state is None or state.num_processes == 1:
+                raise
+    if state is not None and state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        failure = broadcast_object_list([failure], from_process=0)[0]
+        if failure is not None:
+            raise (ValueError if failure[0] == "ValueError" else RuntimeError)(failure[1])
+
+
 def _write_results(path: Path, results: dict) -> None:
     # keep tasks of earlier calls into the same directory (same identity: checked when it was opened)
-    old = json.loads(path.read_text()) if path.exists() else {}
+    old = read_results(path)
     results["tasks"] = {**old.get("tasks", {}), **results["tasks"]}
     write_json(path, results)
 
@@ -180,7 +210,7 @@ def run_config(model, model_id, method, budget, options, limit, seed, max_new_to
     return {
         "model": name,
         "revision": revision,
-        "method": method,
+        "method": None if method is None else get_method(method).name,  # aliases recorded by their name
         "budget": None if is_unpruned(method) and method is not None else budget,
         "options": dict(options or {}),
         "limit": limit,
@@ -348,7 +378,6 @@ def sweep(
 
     with reuse_vision_features(model):  # every run sees the same batches of pixels: run the tower once
         for name, m, b in runs:
-            out[name] = evaluate(
-                model, processor, tasks, out_dir=out_root / name, method=m, budget=b, **kwargs
-            )
+            kw = {**kwargs, "options": {}} if is_unpruned(m) else kwargs  # method options are not its
+            out[name] = evaluate(model, processor, tasks, out_dir=out_root / name, method=m, budget=b, **kw)
     return out

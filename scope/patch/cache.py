@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -24,13 +23,18 @@ _ATTR = "_scope_vision_cache"
 
 
 class VisionCache:
-    """Tower outputs by batch of pixels, least recently used first out beyond ``max_bytes``."""
+    """Tower outputs by batch of pixels, up to ``max_bytes``; once full it keeps what it has.
+
+    A sweep reads the same batches in the same order, run after run: evicting the oldest entry would make
+    every lookup of the next run miss (each batch is evicted just before it comes again), while keeping the
+    first batches makes those hit in every later run.
+    """
 
     def __init__(self, max_bytes: int = 2 << 30):
         if max_bytes <= 0:
             raise ValueError(f"max_bytes={max_bytes!r} must be > 0")
         self.max_bytes, self.bytes, self.hits, self.misses = int(max_bytes), 0, 0, 0
-        self._store: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
+        self._store: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     @staticmethod
     def key(pixel_values: torch.Tensor, *settings) -> tuple:
@@ -44,18 +48,14 @@ class VisionCache:
             self.misses += 1
             return None
         self.hits += 1
-        self._store.move_to_end(key)
         return tuple(t.clone() for t in value)  # callers may not share the cached tensors
 
     def put(self, key: tuple, value: tuple[torch.Tensor, ...]) -> None:
         size = sum(t.numel() * t.element_size() for t in value)
-        if size > self.max_bytes:
+        if self.bytes + size > self.max_bytes:
             return
         self._store[key] = tuple(t.clone() for t in value)
         self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, old = self._store.popitem(last=False)
-            self.bytes -= sum(t.numel() * t.element_size() for t in old)
 
 
 @contextlib.contextmanager
