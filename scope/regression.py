@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -23,22 +24,18 @@ import torch
 
 from scope.paths import REPO_ROOT
 
-__all__ = ["EXPECTED", "SWEEP", "run", "table_text", "main"]
+__all__ = ["EXPECTED", "SWEEP_FILE", "run", "table_text", "diff", "main"]
 
 EXPECTED = REPO_ROOT / "tests" / "data" / "regression.csv"
-SWEEP = {
-    "methods": ("scope", "coverage", "saliency", "random", "visionzip", "fastv"),
-    "budgets": (64, 16),
-    "limit": 24,
-    "batch_size": 8,
-    "seed": 0,
-}
+# the sweep's definition lives beside its expected table, and changes only with it
+SWEEP_FILE = REPO_ROOT / "tests" / "data" / "regression_sweep.json"
 # what must be as locked for the answers to be byte-identical
 NUMERIC_PACKAGES = ("torch", "transformers", "tokenizers", "numpy", "pillow")
 
 
 def run(out_root: str | Path | None = None) -> pd.DataFrame:
-    """Run :data:`SWEEP` on the embedded MiniLLaVA; one row per (run, question): the answer and its score."""
+    """Run the sweep of :data:`SWEEP_FILE` on the embedded MiniLLaVA; one row per (run, question): the answer
+    and its score."""
     import scope
     from scope.eval import read_jsonl, sweep
 
@@ -48,7 +45,8 @@ def run(out_root: str | Path | None = None) -> pd.DataFrame:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(out_root or tmp)
             model, processor = scope.load()
-            runs = sweep(model, processor, "synthbench", out_root=root, progress=False, **SWEEP)
+            spec = json.loads(SWEEP_FILE.read_text())
+            runs = sweep(model, processor, spec.pop("tasks"), out_root=root, progress=False, **spec)
             rows = []
             for name in runs:
                 for r in read_jsonl(root / name / "samples" / "synthbench.jsonl"):
