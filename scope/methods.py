@@ -317,7 +317,11 @@ def _tensor_or_none(x) -> bool:
     return x is None or hasattr(x, "shape")
 
 
-IMPL = Option("fast", _one_of("fast", "reference"), "'fast' or 'reference'")
+IMPL = Option(
+    "auto",
+    _one_of("auto", "fast", "reference", "dense"),
+    "'auto' (dense on CUDA, fast elsewhere), 'fast', 'reference' or 'dense'",
+)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ __all__ = [
     "cosine_similarity_matrix",
     "scope_greedy_reference",
     "scope_greedy_fast",
+    "scope_greedy_dense",
     "select_scope",
     "select_coverage",
     "select_saliency",
@@ -123,8 +124,13 @@ def _need_saliency(method: str, saliency: torch.Tensor | None) -> torch.Tensor:
     return saliency
 
 
+def _capturing(x: torch.Tensor) -> bool:
+    # inside CUDA-graph capture nothing may be read back: the checks that need a value are skipped there
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _powered_saliency(saliency: torch.Tensor, alpha: float) -> torch.Tensor:
-    if alpha != 0 and bool((saliency < 0).any()):
+    if alpha != 0 and not _capturing(saliency) and bool((saliency < 0).any()):
         raise ValueError(
             f"saliency must be non-negative for saliency ** alpha (alpha={alpha}), min value is "
             f"{saliency.min().item()}"
@@ -417,15 +423,46 @@ def _gains_into(buf: torch.Tensor, sim: torch.Tensor, cover: torch.Tensor, idx=N
     return out
 
 
-def select_scope(features, saliency, budget, alpha: float = 1.0, combine: str = "mul", impl: str = "fast"):
-    if impl == "fast":
-        return scope_greedy_fast(features, saliency, budget, alpha=alpha, combine=combine)
-    if impl == "reference":
-        return scope_greedy_reference(features, saliency, budget, alpha=alpha, combine=combine)
-    raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
+def scope_greedy_dense(
+    features: torch.Tensor,
+    saliency: torch.Tensor | None,
+    budget: int,
+    alpha: float = 1.0,
+    combine: str = "mul",
+) -> torch.Tensor:
+    """The reference's arithmetic for all samples at once, with no host synchronisation: every step rescores
+    every token of every sample on the device (``[B, N, N]`` work per step) and picks with ``argmax`` (first
+    index on ties), so the picks are the reference's and a CUDA graph can capture the whole loop. On CPU the
+    lazy greedy is faster; this is the GPU path (``impl="auto"`` there). The one value read back is the
+    input check that saliency is non-negative, skipped while a CUDA graph is being captured."""
+    B, N, _ = features.shape
+    weight = _scope_weight(saliency, (B, N), features, alpha, combine)
+    sim = torch.stack([cosine_similarity_matrix(f) for f in features])  # per sample, as the reference
+    rows = torch.arange(B, device=features.device)
+    cover = torch.zeros(B, N, dtype=sim.dtype, device=sim.device)
+    taken = torch.zeros(B, N, dtype=torch.bool, device=sim.device)
+    picks = []
+    for _ in range(budget):
+        score = _combine(_row_gains(sim, cover), weight, combine).masked_fill_(taken, float("-inf"))
+        v = score.argmax(-1)  # [B], stays on the device
+        picks.append(v)
+        taken[rows, v] = True
+        cover = torch.maximum(cover, sim[rows, v])
+    return torch.stack(picks, -1).sort(-1).values
 
 
-def select_coverage(features, saliency, budget, impl: str = "fast"):
+def select_scope(features, saliency, budget, alpha: float = 1.0, combine: str = "mul", impl: str = "auto"):
+    """SCOPE with ``impl``: "fast" (lazy greedy), "reference" (Algorithm 1), "dense" (sync-free, batched)
+    or "auto" (dense on CUDA, fast elsewhere). All pick the same tokens."""
+    if impl == "auto":
+        impl = "dense" if features.device.type == "cuda" else "fast"
+    greedy = {"fast": scope_greedy_fast, "reference": scope_greedy_reference, "dense": scope_greedy_dense}
+    if impl not in greedy:
+        raise ValueError(f"impl must be one of {['auto', *greedy]}, got {impl!r}")
+    return greedy[impl](features, saliency, budget, alpha=alpha, combine=combine)
+
+
+def select_coverage(features, saliency, budget, impl: str = "auto"):
     """SCOPE with alpha = 0: pure facility-location coverage, saliency ignored."""
     return select_scope(features, None, budget, alpha=0.0, impl=impl)
 
