@@ -454,6 +454,7 @@ def side_by_side(ours: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
         for who in ("ours", "paper")
     ]
     side = side[[c for c in order if c in side.columns]].reset_index()
+    side = side.sort_values("method", key=lambda names: names.str.lower(), kind="stable", ignore_index=True)
     side["method"] = side["method"].map(method_label)
     return side
 
