@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-__all__ = ["load", "hub_reachable"]
+__all__ = ["load", "hub_reachable", "resolve_device"]
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -130,6 +130,9 @@ def load(
     model_id_or_path: str | os.PathLike | None = None,
     method: str | None = None,
     budget: int | None = None,
+    *,
+    device: str | None = "auto",
+    dtype: str | Any = None,
     **from_pretrained_kwargs: Any,
 ):
     """Load a LLaVA or LLaVA-NeXT checkpoint and its processor; patch it when ``method`` is given.
@@ -139,10 +142,12 @@ def load(
             directory, or None for the embedded MiniLLaVA (``scope.paths.MINILLAVA_DIR``).
         method: None (unpatched) or a ``scope.patch`` method ("scope", "visionzip", "fastv", ...).
         budget: visual tokens per image for the patch; None means 64 (PDrop: its ratio schedule).
-        **from_pretrained_kwargs: passed to ``from_pretrained`` of the model (e.g. ``dtype``,
-            ``device_map``, ``revision``, ``attn_implementation``). Without ``dtype`` the embedded
-            checkpoints load in float32 (their answers then do not depend on the CPU's bf16 kernels) and
-            other checkpoints in their stored dtype.
+        device: "auto" (CUDA when present, else CPU), a device such as "cuda:1" or "cpu", or None to leave
+            the model where ``from_pretrained`` put it (also what happens with a ``device_map``).
+        dtype: "float16", "bfloat16", "float32" or a torch dtype; None: the embedded checkpoints load in
+            float32 (their answers then do not depend on the CPU's bf16 kernels), others in their stored dtype.
+        **from_pretrained_kwargs: passed to ``from_pretrained`` of the model (e.g. ``device_map``,
+            ``revision``, ``attn_implementation``).
 
     Returns:
         ``(model, processor)``, the model in eval mode.
@@ -151,18 +156,68 @@ def load(
         FileNotFoundError: the embedded checkpoint is not built yet (run ``make model``), or a hub id is not
             cached while downloads are off.
         ConnectionError: a hub id is not cached and the hub cannot be reached.
-        ValueError: the checkpoint is not a LLaVA / LLaVA-NeXT model.
+        ValueError: the checkpoint is not a LLaVA / LLaVA-NeXT model, or a bad ``device`` / ``dtype``.
     """
-    from transformers import AutoConfig, AutoProcessor
-
     kwargs = dict(from_pretrained_kwargs)
+    target = None if "device_map" in kwargs else resolve_device(device)
     source = _resolve(model_id_or_path, kwargs)
-    if "dtype" not in kwargs and "torch_dtype" not in kwargs and _embedded(source):
+    kwargs["dtype"] = _dtype(dtype, kwargs, _embedded(source))
+    model, processor = _from_files(source, kwargs)
+    model.eval()
+    if target is not None:
+        model.to(target)
+    if method is not None:
+        from scope.methods import NONE, get_method
+        from scope.patch import patch
+
+        record = get_method(method)
+        if budget is None and record.stage != NONE and not record.budget_optional:
+            budget = 64
+        patch(model, method=method, budget=budget)
+    return model, processor
+
+
+def resolve_device(device: str | None):
+    """ "auto" -> CUDA when present, else CPU; None stays None; anything else must name a usable device."""
+    import torch
+
+    if device is None:
+        return None
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a device ('auto', 'cpu', 'cuda', 'cuda:1', ...)") from err
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available on this machine; use 'auto' or 'cpu'")
+    return target
+
+
+def _dtype(dtype, kwargs: dict, embedded: bool):
+    import torch
+
+    given = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+    if dtype is not None and given is not None:
+        raise ValueError(f"give the dtype once: dtype={dtype!r} and from_pretrained dtype={given!r}")
+    dtype = dtype if dtype is not None else given
+    if isinstance(dtype, str) and dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype={dtype!r} is not a torch dtype (e.g. 'float16', 'bfloat16', 'float32')")
+        dtype = getattr(torch, dtype)
+    if dtype is None and embedded:
         # The embedded checkpoints are stored in bf16 but run in fp32: CPU bf16 kernels round differently
         # on different CPUs, and near-tied answers flipped between two machines (make reproduce tables).
-        import torch
+        dtype = torch.float32
+    return dtype
 
-        kwargs["dtype"] = torch.float32
+
+def _from_files(source: str, kwargs: dict):
+    """Model and processor from ``source`` (local folder, or the hub only when reachable)."""
+    from transformers import AutoConfig, AutoProcessor
+
+    if kwargs.get("dtype") is None:
+        kwargs.pop("dtype", None)
     local_only = _offline() or bool(kwargs.pop("local_files_only", False)) or Path(source).exists()
     if not local_only and not hub_reachable():
         local_only = True  # cached hub id, no network: use the cache instead of waiting on timeouts
@@ -183,13 +238,4 @@ def load(
             f"could not load {source!r} from {'the local cache' if local_only else 'the hub'}: {err}. "
             f"Download the full checkpoint (`huggingface-cli download {source}`) or pass a local directory."
         ) from err
-    model.eval()
-    if method is not None:
-        from scope.methods import NONE, get_method
-        from scope.patch import patch
-
-        record = get_method(method)
-        if budget is None and record.stage != NONE and not record.budget_optional:
-            budget = 64
-        patch(model, method=method, budget=budget)
     return model, processor

@@ -44,7 +44,7 @@ def run(out_root: str | Path | None = None) -> pd.DataFrame:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(out_root or tmp)
-            model, processor = scope.load()
+            model, processor = scope.load(device="cpu")
             spec = json.loads(SWEEP_FILE.read_text())
             runs = sweep(model, processor, spec.pop("tasks"), out_root=root, progress=False, **spec)
             rows = []

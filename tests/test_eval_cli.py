@@ -43,7 +43,7 @@ def test_cli_run_on_synthbench(fake_load, tmp_path, capsys):
     ]
     argv += ["--max-new-tokens", "2", "--option", "alpha=0.5", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
-    assert fake_load == [(None, {})]  # no --model: the embedded default
+    assert fake_load == [(None, {"device": "cpu", "dtype": None})]  # no --model: the embedded default, on CPU
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["options"] == {"alpha": 0.5} and cfg["tasks"] == ["synthbench"] and cfg["limit"] == 6
     recs = read_jsonl(out / "samples" / "synthbench.jsonl")

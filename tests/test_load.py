@@ -86,3 +86,20 @@ def test_bad_paths_and_families(tmp_path):
         scope.load(tmp_path)
     with pytest.raises(FileNotFoundError, match="no such model directory"):
         scope.load("./not/here")
+
+
+def test_device_and_dtype(saved_llava):
+    _, _, path = saved_llava
+    model, _ = scope.load(path, device="auto", dtype="bfloat16")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert model.device.type == expected and model.dtype == torch.bfloat16
+    assert load_module.resolve_device(None) is None
+    with pytest.raises(ValueError, match="not a device"):
+        scope.load(path, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            scope.load(path, device="cuda")
+    with pytest.raises(ValueError, match="not a torch dtype"):
+        scope.load(path, dtype="half-ish")
+    with pytest.raises(ValueError, match="dtype once"):
+        scope.load(path, dtype="float16", torch_dtype=torch.float32)

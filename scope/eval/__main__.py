@@ -79,20 +79,16 @@ def main(argv: list[str] | None = None) -> int:
         k, v = kv.split("=", 1)
         options[k.strip()] = _value(v.strip())
 
-    import torch
 
     from scope.eval.runner import partial_state
 
     state = partial_state()  # several CPU processes get the gloo group before anything else asks
-    kwargs = {}
-    if args.dtype:
-        kwargs["dtype"] = getattr(torch, args.dtype)
     from scope.load import load
 
-    model, processor = load(args.model, **kwargs)
-    if getattr(model, "hf_device_map", None) is None:
-        model.to(state.device)
-    model.eval()
+    try:  # each process on its own device (accelerate's), in the dtype asked for
+        model, processor = load(args.model, device=str(state.device), dtype=args.dtype)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
 
     common = dict(
         limit=args.limit,
