@@ -106,13 +106,16 @@ def fine_detail(
     seed: int = 0,
     n_boot: int = 200,
     load: Callable[[str], tuple[Any, Any]] | None = None,
+    device: str | None = "auto",
+    dtype: str | None = None,
 ) -> pd.DataFrame:
     """SynthBench's ``detail`` split (half-size digits and shapes) answered by several checkpoints, with all
     tokens and pruned to ``budget`` (notebook 04: what LLaVA-NeXT's grid crops buy, and what pruning keeps).
 
     ``groups``: label -> (checkpoint, image side, methods pruned at ``budget``). A checkpoint's runs live in
     ``root/<checkpoint folder name>/`` (``none``, ``<method>-<budget>``); finished runs are read, missing ones
-    evaluated with ``scope.eval.sweep`` on the model ``load(checkpoint)`` returns (default :func:`scope.load`).
+    evaluated with ``scope.eval.sweep`` on the model ``load(checkpoint)`` returns (default :func:`scope.load`
+    on ``device`` in ``dtype``).
     Returns the :func:`scope.report.results_long` rows of every group (with bootstrap ``lo``/``hi``) and a
     ``group`` column holding its label; rows without a value (a family the split lacks) are left out.
     """
@@ -120,7 +123,10 @@ def fine_detail(
     from scope.mini.synthbench import load_synthbench
 
     if load is None:
-        from scope.load import load
+        from scope.load import load as scope_load
+
+        def load(checkpoint):
+            return scope_load(checkpoint, device=device, dtype=dtype)
     frames = []
     for label, (checkpoint, side, pruned) in groups.items():
         run_root = Path(root) / (Path(str(checkpoint)).name or str(checkpoint))
@@ -146,3 +152,13 @@ def fine_detail(
         frames.append(long.assign(group=label))
     fine = pd.concat(frames, ignore_index=True)
     return fine[fine["value"].notna()].reset_index(drop=True)
+
+
+def question_limit(limit, model, embedded: int | None):
+    """A notebook's ``limit`` parameter: ``"auto"`` is ``embedded`` questions per task on the embedded model
+    and every question of a real checkpoint's benchmarks; a positive int or None (all) is taken as given."""
+    if limit == "auto":
+        return embedded if model is None else None
+    if limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit > 0):
+        return limit
+    raise ValueError(f"limit={limit!r} must be 'auto', a positive int or None (every question)")

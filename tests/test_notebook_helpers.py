@@ -169,3 +169,14 @@ def test_fine_detail_evaluates_missing_runs_once(tmp_path):
     assert (fine.n == 2).all() and set(fine[fine.run == "scope-4"].budget) == {4}
     again = notebook.fine_detail(groups, 4, tmp_path, limit=2, n_boot=5, load=load)
     assert loaded == ["ckpt/tiny", "ckpt/tiny-b"] and again.equals(fine)  # the second time: read back
+
+
+def test_question_limit_is_the_embedded_default_or_every_question_of_a_real_benchmark():
+    from scope import notebook
+
+    assert notebook.question_limit("auto", None, 192) == 192
+    assert notebook.question_limit("auto", "llava-hf/llava-1.5-7b-hf", 192) is None
+    assert notebook.question_limit(50, "x", 192) == 50 and notebook.question_limit(None, None, 192) is None
+    for bad in (0, -3, "all", True, 2.5):
+        with pytest.raises(ValueError, match="limit"):
+            notebook.question_limit(bad, None, 192)
