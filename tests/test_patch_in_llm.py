@@ -172,3 +172,24 @@ def test_eager_attention_gives_the_same_drop():
         kept_a, kept_b = sdpa._scope.last["kept_slots"], eager._scope.last["kept_slots"]
     assert all(torch.equal(x, y) for x, y in zip(kept_a, kept_b))
     torch.testing.assert_close(a[:, -1], b[:, -1], atol=TOL, rtol=0)
+
+
+@torch.no_grad()
+def test_under_accelerate_device_map_hooks(llava):
+    """A ``device_map`` model: accelerate wraps every layer's forward to move its inputs; our wrapper runs
+    outside it and follows each layer's execution device. Here every device is the CPU (no second device on
+    this machine): the hooks are there and the results equal the undispatched model's."""
+    from accelerate import dispatch_model
+
+    from scope.testing import tiny_llava
+
+    model, processor = llava
+    twin, _ = tiny_llava(seed=3, text_layers=LAYERS)
+    twin = dispatch_model(twin, device_map={"": "cpu"}, force_hooks=True)
+    assert hasattr(twin.model.language_model.layers[0], "_hf_hook")
+    inputs = _inputs(processor, ["what is in the image ?", "yes"], tiny_images(2, seed=2))
+    for method, budget in (("fastv", 5), ("pdrop", 8)):
+        with scope.patch(model, method, budget), scope.patch(twin, method, budget):
+            torch.testing.assert_close(twin(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
+            a = twin.generate(**inputs, max_new_tokens=4, do_sample=False)
+            assert torch.equal(a, model.generate(**inputs, max_new_tokens=4, do_sample=False))

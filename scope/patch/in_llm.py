@@ -30,6 +30,11 @@ Token accounting: ``model._scope.last["visual_tokens_per_layer"]`` lists, per la
 row in the latest prefill; ``equivalent_tokens`` is their mean over layers, per image (the layer-averaged
 count by which papers compare in-LLM and pre-LLM pruning).
 
+``device_map`` models (layers on several GPUs): accelerate wraps each layer's forward to move its inputs,
+and our wrapper runs outside that one, so it moves the hidden states, the call's masks / positions / RoPE
+tables and its own bookkeeping to the layer's execution device itself. Tested with accelerate's hooks on
+one device (CPU); not yet run across two GPUs.
+
 Not supported: flash-attention / flex (needs masks per stage), static caches, ``inputs_embeds`` instead
 of ``input_ids`` (image tokens cannot be located), ``output_hidden_states`` of pruned layers.
 """
@@ -123,6 +128,30 @@ class _Run:
     n_images: torch.Tensor | None = None
     first_seg: torch.Tensor | None = None  # seg / valid before any drop (original image runs)
     first_valid: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> None:
+        """Move every tensor of the run to ``device`` (layers of a ``device_map`` model live on several)."""
+        for name, value in vars(self).items():
+            setattr(self, name, _to(value, device))
+
+
+def _to(value, device: torch.device):
+    """Tensors (also inside tuples, lists and dicts) on ``device``; other values unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _layer_device(layer) -> torch.device:
+    """Where ``layer`` computes: accelerate's execution device under a ``device_map``, else its weights'."""
+    device = getattr(getattr(layer, "_hf_hook", None), "execution_device", None)
+    if device is None:
+        return next(layer.parameters()).device
+    return device if isinstance(device, torch.device) else torch.device(device)
 
 
 def _image_runs(image_mask: torch.Tensor) -> torch.Tensor:
@@ -254,9 +283,19 @@ class InLLMPatch:
         # stage number of layer i: how many drop points are at or before it
         stage_of_i = sum(1 for s in self.stages if s.layer <= i)
 
+        device = _layer_device(self.layers[i])
+
         @functools.wraps(orig_forward)
         def forward(hidden_states, *args, **kwargs):
             run, cache = self.run, _cache_of(kwargs)
+            if hidden_states.device != device:  # a device_map model: this wrapper runs before accelerate's
+                hidden_states = hidden_states.to(device)
+                kwargs = {
+                    k: _to(v, device) if k != "past_key_values" and k != "cache" else v
+                    for k, v in kwargs.items()
+                }
+            if run is not None and run.valid is not None and run.valid.device != device:
+                run.to(device)
             if run is not None and run.prefill:
                 hidden_states = self.prefill_step(i, run, hidden_states, kwargs, cache)
             elif stage_of_i > 0 and cache is not None and stage_of_i in getattr(cache, _CACHE_KEY, {}):
@@ -338,7 +377,7 @@ class InLLMPatch:
 
     def decode_kwargs(self, i: int, stage_no: int, hidden: torch.Tensor, kwargs: dict, cache) -> dict:
         """Mask, positions and RoPE of a decoding step in a layer whose cache holds a stage's kept keys."""
-        info = getattr(cache, _CACHE_KEY)[stage_no]
+        info = _to(getattr(cache, _CACHE_KEY)[stage_no], hidden.device)
         B, q = hidden.shape[:2]
         past = cache.layers[self.layers[i].self_attn.layer_idx].get_seq_length()
         extra = past + q - info["valid"].shape[1]
@@ -354,6 +393,7 @@ class InLLMPatch:
         run, self.run = self.run, None  # per call: a later direct call of the language model must not see it
         if run is None or not run.prefill:
             return output
+        run.to(output.last_hidden_state.device)
         counts = torch.stack(run.counts, 1)  # [B, layers]
         n_img = run.n_images.clamp(min=1)[:, None]
         self.state.last = {
