@@ -333,3 +333,26 @@ def test_vision_cache_keeps_its_first_entries_when_full():
     got = cache.get(cache.key(batches[0]))[0]
     got.add_(1)  # a caller changing what it got does not change the cache
     assert torch.equal(cache.get(cache.key(batches[0]))[0], batches[0] * 2)
+
+
+@torch.no_grad()
+def test_next_selects_all_crops_of_a_batch_in_one_call_per_crop_budget(llava_next, monkeypatch):
+    import importlib
+
+    next_patch = importlib.import_module("scope.patch.llava_next")  # scope.patch is also the function
+
+    model, processor = llava_next
+    images = tiny_images(2, size=(64, 32), seed=1) + tiny_images(1, size=(64, 64), seed=2)  # 3, 3 and 5 crops
+    inputs = _inputs(processor, ["what ?", "yes", "how many red circle ?"], images)
+    calls = []
+    real = next_patch.select_rows
+    monkeypatch.setattr(next_patch, "select_rows", lambda f, *a: calls.append(f.shape[0]) or real(f, *a))
+    with scope.patch(model, "scope", 15):  # 5 per crop for 3-crop images, 3 per crop for the 5-crop one
+        batched = model(**inputs).logits[:, -1]
+        kept = model._scope.last["indices"]
+    assert sorted(calls) == [5, 6]  # one call for both 3-crop images, one for the 5-crop image
+    for i, (q, image) in enumerate(zip(["what ?", "yes", "how many red circle ?"], images)):
+        with scope.patch(model, "scope", 15):
+            alone = model(**_inputs(processor, [q], [image])).logits[:, -1]
+            assert torch.equal(model._scope.last["indices"][0], kept[i])
+        torch.testing.assert_close(alone[0], batched[i], atol=TOL, rtol=0)

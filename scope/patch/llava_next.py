@@ -70,19 +70,43 @@ def grid_order(idx: torch.Tensor, rows: int, cols: int, side: int) -> tuple[torc
     return perm, g_row.flatten()[perm]
 
 
-def _pruned_image(model, method: str, options: dict, f, s, kk, budget: int, image_size, side: int, ids):
-    """One image's kept tokens: ``budget // crops`` per crop, base crop first, then the stitched grid."""
-    p = f.shape[0]
-    k = budget // p
-    if k < 1:
-        raise ValueError(f"budget={budget} is smaller than the {p} crops of an image: each crop needs >= 1")
-    idx, rows = select_rows(f, s, kk, k, method, options, ids)
+def _select_crops(feats, sal, keys, pixel_values, per_image, budget: int, method: str, options: dict) -> dict:
+    """Kept indices and rows of every crop of the images to prune: ``budget // crops`` per crop, selected on
+    each crop alone, with one selection call per distinct per-crop budget (every image with the same number
+    of crops at once). Returns image index -> (indices ``[p, k]``, rows ``[p, k, d]``)."""
+    n_tok = feats.shape[1]
+    starts = [sum(per_image[:i]) for i in range(len(per_image))]
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(per_image):
+        if budget >= p * n_tok:
+            continue  # keeps the model's own packing
+        if budget // p < 1:
+            raise ValueError(
+                f"budget={budget} is smaller than the {p} crops of image {i}: each crop needs >= 1"
+            )
+        groups.setdefault(budget // p, []).append(i)
+    ids = pixel_ids(pixel_values)  # one per crop
+    picked = {}
+    for k, images in groups.items():
+        crops = [c for i in images for c in range(starts[i], starts[i] + per_image[i])]
+        idx, rows = select_rows(
+            feats[crops], sal[crops], keys[crops], k, method, options, [ids[c] for c in crops]
+        )
+        offset = 0
+        for i in images:
+            picked[i] = (idx[offset : offset + per_image[i]], rows[offset : offset + per_image[i]])
+            offset += per_image[i]
+    return picked
+
+
+def _pruned_image(model, idx, rows, image_size, side: int):
+    """One image's projected kept tokens: the base crop's first, then the grid's in stitched raster order."""
     proj = model.model.multi_modal_projector(rows)  # [p, k, D]
-    if p == 1:
-        return idx, proj[0]
+    if proj.shape[0] == 1:
+        return proj[0]
     g_rows, g_cols = grid_shape(model, image_size)
     perm, _ = grid_order(idx[1:], g_rows, g_cols, side)
-    return idx, torch.cat([proj[0], proj[1:].reshape(-1, proj.shape[-1])[perm]])
+    return torch.cat([proj[0], proj[1:].reshape(-1, proj.shape[-1])[perm]])
 
 
 def _with_newlines(feat, idx, p: int, model, image_size, side: int, newline):
@@ -124,21 +148,18 @@ def pruned_image_features(model, state: PatchState, pixel_values, image_sizes, *
     newline = model.model.image_newline
     out, counts_out, kept_idx = [], [], []
     start = 0
+    picked = _select_crops(feats, sal, keys, pixel_values, per_image, budget, state.method, options)
     for i, p in enumerate(per_image):
-        f, s, kk = feats[start : start + p], sal[start : start + p], keys[start : start + p]
-        start += p
-        if budget >= p * n_tok:  # the budget covers every token: the model's own packing, as unpatched
-            proj = model.model.multi_modal_projector(f)
-            packed, _ = model.model.pack_image_features([proj], image_sizes[i : i + 1], strategy, newline)
-            idx = torch.arange(n_tok, device=f.device).expand(p, n_tok)
-            feat_i = packed[0]
-        else:
-            ids = pixel_ids(pixel_values[start - p : start])
-            idx, feat_i = _pruned_image(
-                model, state.method, options, f, s, kk, budget, image_sizes[i], side, ids
-            )
+        if i in picked:
+            idx, rows = picked[i]
+            feat_i = _pruned_image(model, idx, rows, image_sizes[i], side)
             if keep_newlines:
                 feat_i = _with_newlines(feat_i, idx, p, model, image_sizes[i], side, newline)
+        else:  # the budget covers every token: the model's own packing, as unpatched
+            proj = model.model.multi_modal_projector(feats[start : start + p])
+            packed, _ = model.model.pack_image_features([proj], image_sizes[i : i + 1], strategy, newline)
+            idx, feat_i = torch.arange(n_tok, device=proj.device).expand(p, n_tok), packed[0]
+        start += p
         out.append(feat_i)
         counts_out.append(feat_i.shape[0])
         kept_idx.append(idx)
