@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
+import types
 
 import pytest
+import torch
 
 HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
 
@@ -14,6 +17,215 @@ HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
 def test_plugin_without_lmms_eval_says_how_to_install():
     with pytest.raises(ImportError, match=r"scope-pruning\[lmms\]"):
         importlib.import_module("scope.eval.lmms_plugin")
+
+
+# --------------------------------------------------------------------------------------------------------
+# the plugin against a stand-in for lmms-eval's base class (CI does not install lmms-eval)
+# --------------------------------------------------------------------------------------------------------
+
+
+class _FakeLmms:
+    """What lmms_eval.api.model.lmms gives a model: single-process defaults, rank / world_size, task_dict."""
+
+    is_simple = True
+
+    def __init__(self) -> None:
+        self._rank, self._world_size, self.task_dict = 0, 1, {}
+
+    @property
+    def rank(self):
+        return self._rank
+
+    @property
+    def world_size(self):
+        return self._world_size
+
+
+@pytest.fixture
+def plugin(monkeypatch):
+    """scope.eval.lmms_plugin imported against fake ``lmms_eval.api.model`` / ``lmms_eval.api.registry``."""
+    registered = {}
+
+    def register_model(*names):
+        def deco(cls):
+            registered.update(dict.fromkeys(names, cls))
+            return cls
+
+        return deco
+
+    fakes = {
+        "lmms_eval": types.ModuleType("lmms_eval"),
+        "lmms_eval.api": types.ModuleType("lmms_eval.api"),
+        "lmms_eval.api.model": types.SimpleNamespace(lmms=_FakeLmms),
+        "lmms_eval.api.registry": types.SimpleNamespace(register_model=register_model),
+    }
+    for name, module in fakes.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delitem(sys.modules, "scope.eval.lmms_plugin", raising=False)
+    module = importlib.import_module("scope.eval.lmms_plugin")
+    assert registered == {"scope_llava": module.ScopeLlava}
+    yield module
+    sys.modules.pop("scope.eval.lmms_plugin", None)  # later imports see the real lmms-eval (or none)
+    import scope.eval
+
+    scope.eval.__dict__.pop("lmms_plugin", None)
+
+
+@pytest.fixture
+def fake_load(monkeypatch):
+    """``scope.load.load`` replaced by a tiny LLaVA; records the arguments of each call."""
+    from scope.testing import tiny_llava
+
+    calls = []
+
+    def load(model_id_or_path=None, method=None, budget=None, **kwargs):
+        calls.append({"model_id_or_path": model_id_or_path, "method": method, "budget": budget, **kwargs})
+        return tiny_llava(seed=0)
+
+    monkeypatch.setattr(importlib.import_module("scope.load"), "load", load)
+    return calls
+
+
+def test_model_args_split_into_loading_keys_and_options(plugin):
+    load_kw, options = plugin.split_model_args(
+        {
+            "attn_implementation": "eager",
+            "device_map": "auto",
+            "revision": 1234,
+            "alpha": 0.5,
+            "layers": "[2,3]",
+        }
+    )
+    assert load_kw == {"attn_implementation": "eager", "device_map": "auto", "revision": "1234"}
+    assert options == {"alpha": 0.5, "layers": [2, 3]}
+    assert plugin.split_model_args({"combine": "add", "seed": "null"}) == (
+        {},
+        {"combine": "add", "seed": None},
+    )
+    assert (
+        plugin.parse_dtype("float16") is torch.float16
+        and plugin.parse_dtype("torch.bfloat16") is torch.bfloat16
+    )
+    assert plugin.parse_dtype("auto") == "auto" and plugin.parse_dtype(None) is None
+    with pytest.raises(ValueError, match="dtype"):
+        plugin.parse_dtype("half_precision")
+
+
+def test_loading_keys_go_to_scope_load_and_options_to_the_patch(plugin, fake_load):
+    # as lmms-eval passes them: model_args parsed by handle_arg_string, CLI batch_size / device added
+    lm = plugin.ScopeLlava(
+        pretrained="some/llava",
+        method="scope",
+        budget=4,
+        dtype="float16",
+        attn_implementation="eager",
+        revision="main",
+        alpha=0.5,
+        batch_size="2",
+        device="cpu",
+    )
+    assert fake_load == [
+        {
+            "model_id_or_path": "some/llava",
+            "method": None,
+            "budget": None,
+            "dtype": torch.float16,
+            "attn_implementation": "eager",
+            "revision": "main",
+        }
+    ]
+    state = lm.model._scope
+    assert (state.method, state.budget, state.options) == ("scope", 4, {"alpha": 0.5})
+    assert lm.batch_size == 2 and lm.device == torch.device("cpu")
+    # device_map: the model stays where from_pretrained put it
+    plugin.ScopeLlava(method="none", device_map="cpu")
+    assert fake_load[-1]["device_map"] == "cpu" and fake_load[-1]["model_id_or_path"] is None
+
+
+@pytest.mark.parametrize(
+    "bad, match, before_loading",
+    [
+        ({"alhpa": 0.5}, r"unknown option.*alhpa", True),
+        ({"alpha": -1}, r"alpha must be a finite number", True),
+        ({"method": "scoop"}, r"unknown method 'scoop'", True),
+        ({"method": "none", "alpha": 0.5}, r"unknown option", True),
+        ({"method": "fastv", "layer": 99}, r"layer", False),  # against the loaded model's depth
+        ({"budget": 0}, r"budget must be a positive int", False),
+        ({"budget": "lots"}, r"budget must be a positive int", False),
+        ({"keep_newlines": True}, r"LLaVA-NeXT", False),
+    ],
+)
+def test_bad_selection_options_fail_when_the_model_is_built(plugin, fake_load, bad, match, before_loading):
+    with pytest.raises(ValueError, match=match) as info:
+        plugin.ScopeLlava(pretrained="some/llava", **{"method": "scope", "budget": 4, **bad})
+    assert "scope_llava" in str(info.value)
+    assert len(fake_load) == (0 if before_loading else 1)
+
+
+def test_option_checks_leave_a_given_model_unpatched(plugin):
+    from scope.patch import is_patched
+    from scope.testing import tiny_llava
+
+    model, proc = tiny_llava(seed=0)
+    with pytest.raises(ValueError, match="keep_newlines"):
+        plugin.ScopeLlava(model=model, processor=proc, method="scope", budget=4, keep_newlines=True)
+    assert not is_patched(model)
+    with pytest.raises(ValueError, match="only without model="):
+        plugin.ScopeLlava(model=model, processor=proc, revision="main")
+
+
+def test_protocol_hf_only(plugin, fake_load):
+    assert plugin.ScopeLlava(method="none", protocol="hf").method == "none"
+    with pytest.raises(ValueError, match=r"protocol='vllm' is not implemented yet"):
+        plugin.ScopeLlava(method="none", protocol="vllm")
+    assert len(fake_load) == 1
+
+
+def test_batch_size_auto(plugin, fake_load):
+    assert plugin.parse_batch_size("auto") == plugin.AUTO_BATCH_SIZE == 8
+    assert plugin.parse_batch_size("auto:4") == 8 and plugin.parse_batch_size("auto", max_batch_size=2) == 2
+    assert plugin.parse_batch_size("16") == 16 and plugin.parse_batch_size(3) == 3
+    for bad in ("big", "0", 2.5, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            plugin.parse_batch_size(bad)
+    assert plugin.ScopeLlava(method="none", batch_size="auto").batch_size == 8
+
+
+def test_device_rank_and_world_size(plugin, fake_load, monkeypatch):
+    lm = plugin.ScopeLlava(method="scope", budget=4)
+    assert (lm.rank, lm.world_size, lm.device) == (0, 1, torch.device("cpu"))
+    lm._rank, lm._world_size = 3, 4  # what lmms-eval's evaluator does under several processes
+    assert (lm.rank, lm.world_size) == (3, 4)
+
+    runner = importlib.import_module("scope.eval.runner")
+    state = types.SimpleNamespace(process_index=1, num_processes=2, device=torch.device("cpu"))
+    monkeypatch.setattr(runner, "partial_state", lambda: state)
+    lm = plugin.ScopeLlava(method="scope", budget=4, device="cpu")
+    assert (lm.rank, lm.world_size, lm.device) == (1, 2, torch.device("cpu"))
+
+    gpu1 = types.SimpleNamespace(process_index=1, num_processes=2, device=torch.device("cuda", 1))
+    assert plugin.target_device(None, gpu1) == torch.device("cuda", 1)
+    assert plugin.target_device("cuda", gpu1) == torch.device("cuda", 1)  # not every process on cuda:0
+    assert plugin.target_device("cuda:0", gpu1) == torch.device("cuda", 0)  # explicit index: as asked
+    assert plugin.target_device("cpu", gpu1) == torch.device("cpu")
+    one = types.SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cuda", 0))
+    assert plugin.target_device("cuda", one) == torch.device("cuda")
+
+
+def test_generate_until_with_auto_batch(plugin):
+    from scope.testing import tiny_images, tiny_llava
+
+    model, proc = tiny_llava(seed=0)
+    lm = plugin.ScopeLlava(model=model, processor=proc, method="scope", budget=4, batch_size="auto")
+    docs = [{"image": im} for im in tiny_images(2)]
+    lm.task_dict = {"fake": {"test": docs}}
+    gen = {"max_new_tokens": 2, "until": ["ASSISTANT:"]}
+    reqs = [
+        types.SimpleNamespace(args=(f"Is there a dog {i}?", gen, lambda d: [d["image"]], i, "fake", "test"))
+        for i in range(2)
+    ]
+    out = lm.generate_until(reqs)
+    assert len(out) == 2 and all(isinstance(t, str) for t in out)
 
 
 @pytest.mark.skipif(not HAS_LMMS, reason="lmms-eval is not installed (optional extra)")

@@ -6,17 +6,34 @@ For users who already run the field's harness (``pip install 'scope-pruning[lmms
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=scope,budget=64,dtype=float16 \\
         --tasks gqa,mme,pope --batch_size 8
 
-``--model_args``: ``pretrained`` (hub id or path; default the embedded MiniLLaVA), ``method`` (default
-"scope"; "none" = unpruned), ``budget`` (default 64), ``dtype``, ``max_new_tokens`` (default: the task's),
-and any option of the method (``alpha=0.5``, ``combine=add``, ...).
+    torchrun --nproc_per_node 2 -m lmms_eval --model scope_llava --model_args ...   # one GPU per process
+    accelerate launch --num_processes 2 -m lmms_eval --model scope_llava --model_args ...
 
-lmms-eval finds the model through the ``lmms_eval.models`` entry point (``manifest`` below) in current
-releases, and through ``register_model`` when this module is imported in older ones. Prompts follow the
-checkpoint's chat template and decoding is greedy, exactly as ``python -m scope.eval`` does.
+``--model_args`` keys, by kind:
+
+- loading (to :func:`scope.load`, i.e. ``from_pretrained``): ``pretrained`` (hub id or path; default the
+  embedded MiniLLaVA), ``dtype`` (``float16``, ``bfloat16``, ``float32`` or ``auto``),
+  ``attn_implementation``, ``device_map``, ``revision``, ``device``;
+- ``protocol``: only ``hf`` (transformers generation, the default); other protocols are not implemented;
+- pruning: ``method`` (default "scope"; "none" = unpruned), ``budget`` (default 64; ``none`` for PDrop's
+  reference schedule);
+- ``max_new_tokens`` (default: the task's);
+- every other key is an option of the method (``alpha=0.5``, ``combine=add``, ``layers=[8,16,24]``...).
+  Options are checked against the method and the loaded model when the model is built
+  (:func:`scope.patch.check`), so a typo fails at start-up, not at the first generation.
+
+Under torchrun or ``accelerate launch`` each process loads its own copy on its own device (accelerate's
+``PartialState``: ``cuda:LOCAL_RANK``) unless ``device_map`` places the model; lmms-eval shards the requests
+by ``rank`` / ``world_size``. lmms-eval finds the model through the ``lmms_eval.models`` entry point
+(``manifest`` below) in current releases, and through ``register_model`` when this module is imported in
+older ones. Prompts follow the checkpoint's chat template and decoding is greedy, exactly as
+``python -m scope.eval`` does.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 from typing import Any
 
 try:
@@ -31,45 +48,220 @@ except ImportError as err:  # the extra is optional: say how to get it
 import torch
 
 from scope.eval.generate import build_prompt, generate_answers
-from scope.methods import is_unpruned
+from scope.methods import IN_LLM, get_method, is_unpruned
+
+# --model_args keys passed on to scope.load (from_pretrained); pretrained, dtype and device are arguments
+LOAD_KEYS = ("attn_implementation", "device_map", "revision")
+PROTOCOLS = ("hf",)
+AUTO_BATCH_SIZE = 8  # what batch_size=auto (or auto:N) means: no probing, a fixed size that fits 7B on a GPU
+_FIXED_KEYS = (
+    "pretrained",
+    "method",
+    "budget",
+    "batch_size",
+    "dtype",
+    "device",
+    "protocol",
+    "max_new_tokens",
+)
+
+
+def split_model_args(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split ``--model_args`` keys that are not named arguments into (``from_pretrained`` kwargs, options).
+
+    Loading keys (:data:`LOAD_KEYS`) are kept as given (``revision`` as a string: lmms-eval turns digits
+    into ints); every other key is a selection option, whose string values are read as JSON where they
+    parse (``layers=[8,16,24]`` -> a list, ``seed=null`` -> None) and kept as strings otherwise.
+    """
+    load_kw: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key in LOAD_KEYS:
+            if value is not None:
+                load_kw[key] = str(value) if key == "revision" else value
+        else:
+            options[key] = _json_value(value)
+    return load_kw, options
+
+
+def _json_value(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def parse_batch_size(value: int | str | None, max_batch_size: int | None = None) -> int:
+    """lmms-eval's ``--batch_size``: an int (or its string), or ``auto`` / ``auto:N``.
+
+    ``auto`` does not probe the memory: it means :data:`AUTO_BATCH_SIZE` (8) prompts per ``generate``,
+    capped by ``max_batch_size`` when lmms-eval passes one.
+    """
+    if value is None:
+        return 1
+    if isinstance(value, str) and value.strip().lower().split(":")[0] == "auto":
+        return min(AUTO_BATCH_SIZE, int(max_batch_size)) if max_batch_size else AUTO_BATCH_SIZE
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"batch_size must be a positive int, 'auto' or 'auto:N', got {value!r}") from None
+    if size < 1 or isinstance(value, bool) or (isinstance(value, float) and value != size):
+        raise ValueError(f"batch_size must be a positive int, 'auto' or 'auto:N', got {value!r}")
+    return size
+
+
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | str | None:
+    """``dtype=float16`` (or ``torch.float16``) -> ``torch.float16``; ``auto`` (the stored dtype) as is."""
+    if value is None or isinstance(value, torch.dtype) or value == "auto":
+        return value
+    name = str(value).removeprefix("torch.")
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(
+            f"dtype must name a torch dtype (float16, bfloat16, float32) or 'auto', got {value!r}"
+        )
+    return dtype
+
+
+def _budget(value: Any) -> Any:
+    """lmms-eval hands ``budget`` over as int, float or string; ``none`` means None (PDrop's schedule)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return value  # scope.patch.check names anything else
+
+
+def target_device(device: str | torch.device | None, state: Any) -> torch.device:
+    """The device a process loads its copy onto: the process's own (``state.device``, ``cuda:LOCAL_RANK``
+    under torchrun / accelerate) unless ``device`` names another; with several processes a bare ``cuda``
+    means each process's own GPU, not all of them on ``cuda:0``."""
+    own = torch.device(state.device)
+    if device is None:
+        return own
+    dev = torch.device(device)
+    if state.num_processes > 1 and dev.index is None and dev.type == own.type:
+        return own
+    return dev
+
+
+def _model_device(model: Any) -> torch.device:
+    return torch.device(getattr(model, "device", None) or next(model.parameters()).device)
+
+
+def _precheck(method: str, options: dict[str, Any]) -> None:
+    """What can be checked before a checkpoint loads: the method's name and, for pre-LLM and unpruned
+    methods, the option names and values (the full check against the model follows after loading)."""
+    record = get_method(method)
+    if record.stage != IN_LLM:
+        record.check_options({k: v for k, v in options.items() if k != "keep_newlines"})
+
+
+@contextlib.contextmanager
+def _explained(method: Any):
+    """Re-raise a ValueError of the method checks with a word on how model_args keys are read."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(
+            f"scope_llava: {err} (model_args other than {', '.join(_FIXED_KEYS + LOAD_KEYS)} are options of "
+            f"method {method!r})"
+        ) from err
 
 
 @register_model("scope_llava")
 class ScopeLlava(lmms):
-    """lmms-eval wrapper of a ``scope``-patched transformers LLaVA model (generation tasks only)."""
+    """lmms-eval wrapper of a ``scope``-patched transformers LLaVA model (generation tasks only).
+
+    Pass ``model`` and ``processor`` to wrap an already loaded model (then no loading key may be given);
+    otherwise the checkpoint ``pretrained`` is loaded with :func:`scope.load`. See the module docstring for
+    the ``--model_args`` keys. ``rank``, ``world_size``, ``device`` and ``batch_size`` are what lmms-eval's
+    evaluator reads (it shards requests by rank and gathers counts on ``device``).
+
+    Raises:
+        ValueError: an unknown method, an invalid budget or option (checked before patching, against the
+            loaded model), an unsupported ``protocol``, ``dtype`` or ``batch_size``.
+    """
 
     def __init__(
         self,
         pretrained: str | None = None,
         method: str = "scope",
-        budget: int = 64,
+        budget: int | str | None = 64,
         batch_size: int | str = 1,
+        max_batch_size: int | None = None,
         device: str | None = None,
         dtype: str | None = None,
+        protocol: str | None = None,
         max_new_tokens: int | None = None,
         model: Any = None,
         processor: Any = None,
-        **options: Any,
+        **kwargs: Any,
     ) -> None:
         super().__init__()
         from scope.eval.runner import partial_state
-        from scope.patch import patch, unpatch
+        from scope.patch import check, patch, unpatch
 
+        if protocol is not None and str(protocol).lower() not in PROTOCOLS:
+            raise ValueError(
+                f"scope_llava: protocol={protocol!r} is not implemented yet; only protocol=hf (transformers "
+                f"generation, the default) is"
+            )
+        load_kw, options = split_model_args(kwargs)
+        budget = _budget(budget)
+        with _explained(method):  # an unknown method or option fails before the checkpoint loads
+            _precheck(method, options)
+        self.batch_size = parse_batch_size(batch_size, max_batch_size)
         state = partial_state()
         self._rank, self._world_size = state.process_index, state.num_processes
         if model is None:
-            kw = {"dtype": getattr(torch, dtype)} if dtype else {}
-            from scope.load import load
-
-            model, processor = load(pretrained, **kw)
-            model.to(device or state.device)
+            model, processor = self._load(pretrained, parse_dtype(dtype), device, load_kw, state)
+        elif pretrained is not None or dtype is not None or load_kw:
+            raise ValueError("scope_llava: pretrained, dtype and loading keys apply only without model=")
+        elif device is not None:
+            model.to(target_device(device, state))
+        self._device = _model_device(model)
         self.model, self.processor = model.eval(), processor
-        self.method, self.budget, self.options = method, int(budget), dict(options)
-        self.batch_size = int(batch_size)
+        self.method, self.budget, self.options = method, budget, dict(options)
         self.max_new_tokens = max_new_tokens
+        with _explained(method):
+            check(self.model, method, budget, **self.options)
         unpatch(self.model)
         if not is_unpruned(method):
-            patch(self.model, method=method, budget=self.budget, **self.options)
+            patch(self.model, method=method, budget=budget, **self.options)
+
+    @staticmethod
+    def _load(pretrained, dtype, device, load_kw: dict[str, Any], state):
+        """``scope.load`` with the loading keys; the model goes to this process's device unless
+        ``device_map`` placed it."""
+        from scope.load import load
+
+        kw = dict(load_kw)
+        if dtype is not None:
+            kw["dtype"] = dtype
+        model, processor = load(None if pretrained is None else str(pretrained), **kw)
+        if getattr(model, "hf_device_map", None) is None and "device_map" not in kw:
+            model.to(target_device(device, state))
+        return model, processor
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's inputs go (lmms-eval gathers request counts on it under several processes)."""
+        return self._device
+
+    @property
+    def rank(self) -> int:
+        """This process's index (accelerate's ``PartialState``; lmms-eval may overwrite ``_rank``)."""
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        """The number of processes."""
+        return self._world_size
 
     def generate_until(self, requests) -> list[str]:
         """Answer each request: (context, gen_kwargs, doc_to_visual, doc_id, task, split)."""
@@ -91,9 +283,11 @@ class ScopeLlava(lmms):
         return out
 
     def loglikelihood(self, requests):
+        """Not supported: scope_llava answers generation tasks only."""
         raise NotImplementedError("scope_llava answers generation tasks only (generate_until)")
 
     def generate_until_multi_round(self, requests):
+        """Not supported: scope_llava answers single-turn generation tasks only."""
         raise NotImplementedError("scope_llava answers single-turn generation tasks only")
 
 
