@@ -207,22 +207,27 @@ def scope_greedy_reference(
     """
     B, N, _ = features.shape
     weight = _scope_weight(saliency, (B, N), features, alpha, combine)
-    kept = []
-    for b in range(B):
-        sim = cosine_similarity_matrix(features[b])  # S_uv
-        cover = torch.zeros(N, dtype=sim.dtype, device=sim.device)  # c_u, nothing covered yet
-        selected = torch.zeros(N, dtype=torch.bool, device=sim.device)
-        picks = []
-        for _ in range(budget):
-            gain = _row_gains(sim, cover)  # Delta(v; T) for every v
-            score = _combine(gain, weight[b], combine)
-            score = score.masked_fill(selected, float("-inf"))
-            v = int(torch.argmax(score))
-            picks.append(v)
-            selected[v] = True
-            cover = torch.maximum(cover, sim[v])
-        kept.append(torch.tensor(sorted(picks), dtype=torch.long, device=features.device))
-    return torch.stack(kept)
+    sims = [cosine_similarity_matrix(features[b])[None] for b in range(B)]  # S_uv, one sample at a time
+    return torch.cat([greedy_steps(sims[b], weight[b : b + 1], budget, combine) for b in range(B)])
+
+
+def greedy_steps(sim: torch.Tensor, weight: torch.Tensor, budget: int, combine: str = "mul") -> torch.Tensor:
+    """Algorithm 1's loop on ``sim [B, N, N]`` and ``weight [B, N]``, every sample at once: start with nothing
+    covered; K times, score every unselected token by its coverage gain combined with its weight, take the
+    best (first index on ties, as ``torch.argmax``) and raise every token's coverage to its similarity with
+    the pick. Returns the picks ``[B, K]`` ascending. Nothing is read back from the device."""
+    B, N, _ = sim.shape
+    rows = torch.arange(B, device=sim.device)
+    cover = torch.zeros(B, N, dtype=sim.dtype, device=sim.device)  # c_u, nothing covered yet
+    taken = torch.zeros(B, N, dtype=torch.bool, device=sim.device)
+    picks = []
+    for _ in range(budget):
+        score = _combine(_row_gains(sim, cover), weight, combine).masked_fill_(taken, float("-inf"))
+        v = score.argmax(-1)  # [B]: Delta(v; T) * a_v ** alpha at its best
+        picks.append(v)
+        taken[rows, v] = True
+        cover = torch.maximum(cover, sim[rows, v])
+    return torch.stack(picks, -1).sort(-1).values
 
 
 def scope_greedy_fast(
@@ -424,31 +429,17 @@ def _gains_into(buf: torch.Tensor, sim: torch.Tensor, cover: torch.Tensor, idx=N
 
 
 def scope_greedy_dense(
-    features: torch.Tensor,
-    saliency: torch.Tensor | None,
-    budget: int,
-    alpha: float = 1.0,
-    combine: str = "mul",
+    features, saliency, budget: int, alpha: float = 1.0, combine: str = "mul"
 ) -> torch.Tensor:
-    """The reference's arithmetic for all samples at once, with no host synchronisation: every step rescores
-    every token of every sample on the device (``[B, N, N]`` work per step) and picks with ``argmax`` (first
-    index on ties), so the picks are the reference's and a CUDA graph can capture the whole loop. On CPU the
-    lazy greedy is faster; this is the GPU path (``impl="auto"`` there). The one value read back is the
-    input check that saliency is non-negative, skipped while a CUDA graph is being captured."""
+    """The reference's arithmetic for all samples at once (:func:`greedy_steps` on every sample's similarity
+    matrix), with no host synchronisation: every step rescores every token of every sample on the device
+    (``[B, N, N]`` work per step), so the picks are the reference's and a CUDA graph can capture the loop.
+    On CPU the lazy greedy is faster; this is the GPU path (``impl="auto"`` there). The one value read back
+    is the input check that saliency is non-negative, skipped while a CUDA graph is being captured."""
     B, N, _ = features.shape
     weight = _scope_weight(saliency, (B, N), features, alpha, combine)
     sim = torch.stack([cosine_similarity_matrix(f) for f in features])  # per sample, as the reference
-    rows = torch.arange(B, device=features.device)
-    cover = torch.zeros(B, N, dtype=sim.dtype, device=sim.device)
-    taken = torch.zeros(B, N, dtype=torch.bool, device=sim.device)
-    picks = []
-    for _ in range(budget):
-        score = _combine(_row_gains(sim, cover), weight, combine).masked_fill_(taken, float("-inf"))
-        v = score.argmax(-1)  # [B], stays on the device
-        picks.append(v)
-        taken[rows, v] = True
-        cover = torch.maximum(cover, sim[rows, v])
-    return torch.stack(picks, -1).sort(-1).values
+    return greedy_steps(sim, weight, budget, combine)
 
 
 def select_scope(features, saliency, budget, alpha: float = 1.0, combine: str = "mul", impl: str = "auto"):
