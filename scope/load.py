@@ -159,7 +159,9 @@ def load(
         ValueError: the checkpoint is not a LLaVA / LLaVA-NeXT model, or a bad ``device`` / ``dtype``.
     """
     kwargs = dict(from_pretrained_kwargs)
-    target = None if "device_map" in kwargs else resolve_device(device)
+    # a device_map or a quantized load places the weights itself (bitsandbytes models refuse .to)
+    placed = "device_map" in kwargs or "quantization_config" in kwargs
+    target = None if placed else resolve_device(device)
     source = _resolve(model_id_or_path, kwargs)
     kwargs["dtype"] = _dtype(dtype, kwargs, _embedded(source))
     model, processor = _from_files(source, kwargs)
@@ -191,6 +193,8 @@ def resolve_device(device: str | None):
         raise ValueError(f"device={device!r} is not a device ('auto', 'cpu', 'cuda', 'cuda:1', ...)") from err
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}: CUDA is not available on this machine; use 'auto' or 'cpu'")
+    if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return target
 
 

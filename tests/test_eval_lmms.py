@@ -129,6 +129,7 @@ def test_loading_keys_go_to_scope_load_and_options_to_the_patch(plugin, fake_loa
             "model_id_or_path": "some/llava",
             "method": None,
             "budget": None,
+            "device": "cpu",
             "dtype": torch.float16,
             "attn_implementation": "eager",
             "revision": "main",
@@ -140,6 +141,7 @@ def test_loading_keys_go_to_scope_load_and_options_to_the_patch(plugin, fake_loa
     # device_map: the model stays where from_pretrained put it
     plugin.ScopeLlava(method="none", device_map="cpu")
     assert fake_load[-1]["device_map"] == "cpu" and fake_load[-1]["model_id_or_path"] is None
+    assert fake_load[-1]["device"] is None  # not moved after the device_map placed it
 
 
 @pytest.mark.parametrize(

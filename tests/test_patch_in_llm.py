@@ -193,3 +193,22 @@ def test_under_accelerate_device_map_hooks(llava):
             torch.testing.assert_close(twin(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
             a = twin.generate(**inputs, max_new_tokens=4, do_sample=False)
             assert torch.equal(a, model.generate(**inputs, max_new_tokens=4, do_sample=False))
+
+
+@torch.no_grad()
+def test_each_layer_asks_its_device_on_every_call(llava, monkeypatch):
+    """The device is not frozen at patch time: a model moved after ``scope.patch`` (``model.to("cuda")``)
+    keeps working, since every wrapped layer looks up where it computes when it is called."""
+    import importlib
+
+    in_llm = importlib.import_module("scope.patch.in_llm")
+    model, processor = llava
+    asked = []
+    real = in_llm._layer_device
+    monkeypatch.setattr(in_llm, "_layer_device", lambda layer: asked.append(layer) or real(layer))
+    inputs = _inputs(processor, ["what is in the image ?"], tiny_images(1))
+    with scope.patch(model, "fastv", 5):
+        assert asked == []  # nothing decided when patching
+        model(**inputs)
+        model(**inputs)
+    assert len(asked) == 2 * LAYERS

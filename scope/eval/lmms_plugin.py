@@ -223,7 +223,9 @@ class ScopeLlava(lmms):
         elif pretrained is not None or dtype is not None or load_kw:
             raise ValueError("scope_llava: pretrained, dtype and loading keys apply only without model=")
         elif device is not None:
-            model.to(target_device(device, state))
+            from scope.load import resolve_device
+
+            model.to(resolve_device(str(target_device(device, state))))  # a clear error for a missing device
         self._device = _model_device(model)
         self.model, self.processor = model.eval(), processor
         self.method, self.budget, self.options = method, budget, dict(options)
@@ -243,10 +245,10 @@ class ScopeLlava(lmms):
         kw = dict(load_kw)
         if dtype is not None:
             kw["dtype"] = dtype
-        model, processor = load(None if pretrained is None else str(pretrained), **kw)
-        if getattr(model, "hf_device_map", None) is None and "device_map" not in kw:
-            model.to(target_device(device, state))
-        return model, processor
+        # straight onto this process's device (no detour through another GPU; scope.load names a device this
+        # machine lacks); a device_map places it itself
+        where = None if "device_map" in kw else str(target_device(device, state))
+        return load(None if pretrained is None else str(pretrained), device=where, **kw)
 
     @property
     def device(self) -> torch.device:

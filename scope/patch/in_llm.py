@@ -283,11 +283,12 @@ class InLLMPatch:
         # stage number of layer i: how many drop points are at or before it
         stage_of_i = sum(1 for s in self.stages if s.layer <= i)
 
-        device = _layer_device(self.layers[i])
+        layer = self.layers[i]
 
         @functools.wraps(orig_forward)
         def forward(hidden_states, *args, **kwargs):
             run, cache = self.run, _cache_of(kwargs)
+            device = _layer_device(layer)  # asked per call: the model may have moved since it was patched
             if hidden_states.device != device:  # a device_map model: this wrapper runs before accelerate's
                 hidden_states = hidden_states.to(device)
                 kwargs = {
