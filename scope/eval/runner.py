@@ -124,7 +124,12 @@ def evaluate(
     (:class:`scope.eval.rundir.RunLock`). Returns the dict written to results.json (complete on the main
     process only).
     """
-    _check_counts(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    for name, value in (
+        ("batch_size", batch_size),
+        ("max_new_tokens", 1 if max_new_tokens is None else max_new_tokens),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an int >= 1")
     task_list = parse_tasks(tasks)
     datasets = {get_task(k).name: v for k, v in (datasets or {}).items()}
     out_dir = Path(out_dir)
@@ -194,14 +199,6 @@ def _write_results(path: Path, results: dict) -> None:
     old = read_results(path)
     results["tasks"] = {**old.get("tasks", {}), **results["tasks"]}
     write_json(path, results)
-
-
-def _check_counts(**counts) -> None:
-    for name, value in counts.items():
-        if value is None and name == "max_new_tokens":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be an int >= 1")
 
 
 def run_config(model, model_id, method, budget, options, limit, seed, max_new_tokens, task_kwargs) -> dict:
@@ -367,8 +364,9 @@ def sweep(
 
     Re-patching a loaded model takes milliseconds, reloading it takes seconds to minutes: notebooks sweep
     through this. The vision tower runs once per batch of images for all the runs
-    (:func:`scope.patch.reuse_vision_features`): the runs see the same batches, so nothing changes but time. Each combination gets its own run directory ``out_root/<method>-<budget>`` (``none`` for
-    the unpruned one), so interrupted sweeps resume per combination. Returns {run name: results}.
+    (:func:`scope.patch.reuse_vision_features`): the runs see the same batches, so nothing changes but time.
+    Each combination gets its own run directory ``out_root/<method>-<budget>`` (``none`` for the unpruned
+    one), so interrupted sweeps resume per combination. Returns {run name: results}.
     """
     out_root = Path(out_root)
     runs: list[tuple[str, str, int | None]] = [(UNPRUNED, UNPRUNED, None)] if include_unpruned else []

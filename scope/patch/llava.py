@@ -139,13 +139,14 @@ def select_rows(
     budget: int,
     method: str,
     options: dict,
-    sample_ids: list[int] | None = None,
+    pixels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices ``[n, K]`` (ascending) and rows ``[n, K, d]`` that enter the projector, via ``scope.prune``.
 
     A method whose record names a ``keys_option`` (VisionZip's merge metric) gets the tower's attention keys
-    there unless the caller set it; one whose record names a ``sample_ids_option`` (random) gets
-    ``sample_ids``, one id per row, so its draw depends on the image and not on the batch.
+    there unless the caller set it; one whose record names a ``sample_ids_option`` (random) gets one id per
+    row from ``pixels`` (the rows' images or crops), so its draw depends on the image and not on the batch.
+    The ids are hashed only for such a method.
     """
     n, N, _ = feats.shape
     record = get_method(method)
@@ -155,8 +156,12 @@ def select_rows(
     opts = dict(options)
     if record.keys_option is not None and opts.get(record.keys_option) is None:
         opts[record.keys_option] = keys
-    if record.sample_ids_option is not None and opts.get(record.sample_ids_option) is None:
-        opts[record.sample_ids_option] = sample_ids
+    if (
+        record.sample_ids_option is not None
+        and opts.get(record.sample_ids_option) is None
+        and pixels is not None
+    ):
+        opts[record.sample_ids_option] = pixel_ids(pixels)
     out = prune(feats, sal, budget, method, **opts)
     return out.indices, out.features.to(feats.dtype)
 
@@ -228,7 +233,7 @@ def pruned_image_features(model, state: PatchState, pixel_values, image_sizes=No
     feats, sal, keys = vision_features(model, pixel_values, **vision_kw)
     n_img, N, _ = feats.shape
     budget = N if state.budget is None else state.budget
-    idx, rows = select_rows(feats, sal, keys, budget, state.method, state.options, pixel_ids(pixel_values))
+    idx, rows = select_rows(feats, sal, keys, budget, state.method, state.options, pixel_values)
     projected = model.model.multi_modal_projector(rows)
     state.last = {"tokens_per_image": [idx.shape[1]] * n_img, "indices": idx, "n_tokens": N}
     return list(projected), [N] * n_img, [idx.shape[1]] * n_img

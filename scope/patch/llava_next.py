@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .llava import pixel_ids, select_rows, vision_features
+from .llava import select_rows, vision_features
 from .state import PatchState
 
 __all__ = ["pruned_image_features", "crop_counts", "placeholder_counts", "grid_order"]
@@ -85,12 +85,11 @@ def _select_crops(feats, sal, keys, pixel_values, per_image, budget: int, method
                 f"budget={budget} is smaller than the {p} crops of image {i}: each crop needs >= 1"
             )
         groups.setdefault(budget // p, []).append(i)
-    ids = pixel_ids(pixel_values)  # one per crop
     picked = {}
     for k, images in groups.items():
         crops = [c for i in images for c in range(starts[i], starts[i] + per_image[i])]
         idx, rows = select_rows(
-            feats[crops], sal[crops], keys[crops], k, method, options, [ids[c] for c in crops]
+            feats[crops], sal[crops], keys[crops], k, method, options, pixel_values[crops]
         )
         offset = 0
         for i in images:
