@@ -17,9 +17,9 @@ import pandas as pd
 import torch
 from torch.utils.benchmark import Timer
 
-from .efficiency import DEFAULT_METHODS, PAPER_CONFIGS, PROMPT_TOKENS, flops_table, visual_layout
+from .efficiency import DEFAULT_METHODS, PAPER_CONFIGS, PROMPT_TOKENS, flops_table, load_config, visual_layout
 from .latency import default_model, latency_table, selection_time, synthetic_inputs
-from .methods import NONE, PRE_LLM, get_method, names
+from .methods import IN_LLM, PRE_LLM, get_method, names
 from .select import scope_greedy_fast, scope_greedy_reference
 
 CASES = [(576, 64, 1), (576, 64, 8), (2880, 160, 1), (2880, 160, 8)]
@@ -75,13 +75,11 @@ _LATENCY_COLUMNS = [
 ]  # fmt: skip
 
 
-def _selection_ms(row, configs) -> float:
+def _selection_ms(row, configs: dict) -> float:
     """CPU time of a FLOP-table row's selection at the real dims (NaN for methods without one)."""
     if get_method(row.method).stage != PRE_LLM:
         return float("nan")
-    from .efficiency import load_config
-
-    config = load_config(next(c for c in configs if Path(str(c)).name == row.model))
+    config = configs[row.model]
     crops, n = visual_layout(config)
     return _timed_selection(row.method, int(row.budget), crops, n, config.vision_config.hidden_size)
 
@@ -123,7 +121,7 @@ def _e2e_parser() -> argparse.ArgumentParser:
 def e2e(argv: Sequence[str] | None = None) -> int:
     """``python -m scope.bench e2e``: the FLOP table of the paper's models and the measured table."""
     args = _e2e_parser().parse_args(argv)
-    known = [m for m in names() if get_method(m).stage != NONE]
+    known = names(PRE_LLM, IN_LLM)
     for m in args.methods:
         if m not in known:
             raise SystemExit(f"--methods: unknown method {m!r}; choose from {sorted(known)}")
@@ -140,7 +138,8 @@ def e2e(argv: Sequence[str] | None = None) -> int:
 
 def _e2e_flops(args) -> None:
     flops = flops_table(args.configs, args.budgets, args.methods, args.prompt_tokens, progress=True)
-    flops["select_ms_cpu"] = [_selection_ms(r, args.configs) for r in flops.itertuples()]
+    configs = {Path(str(c)).name: load_config(c) for c in args.configs}
+    flops["select_ms_cpu"] = [_selection_ms(r, configs) for r in flops.itertuples()]
     print(
         f"\n# Prefill FLOPs counted on the meta device (FlopCounterMode): 1 image + {args.prompt_tokens} "
         "text tokens; LLaVA-NeXT N = 5 x 576 = 2880 split evenly over crops; select = scope.prune on "
@@ -158,7 +157,7 @@ def _e2e_latency(args) -> None:
         from .load import load
 
         model, processor = load(args.model)
-        model, label = model.eval(), str(args.model)
+        label = str(args.model)
     else:
         model, processor, label = default_model()
     lat = latency_table(

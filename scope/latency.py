@@ -15,7 +15,9 @@ import pandas as pd
 import torch
 
 from scope.efficiency import DEFAULT_METHODS, family, prefill_flops
+from scope.eval.generate import build_prompt
 from scope.methods import IN_LLM, NONE, PRE_LLM, UNPRUNED, get_method
+from scope.patch import method_options
 
 __all__ = [
     "synthetic_inputs",
@@ -180,14 +182,7 @@ def _make_inputs(model, processor, question: str):
     image_size = model.config.vision_config.image_size
     size = image_size * 2 if family(model.config) == "llava_next" else image_size
     image = _make_image(size)
-    if getattr(processor, "chat_template", None):
-        content = [{"type": "image"}, {"type": "text", "text": question}]
-        prompt = processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True
-        )
-    else:  # LLaVA-1.5's template
-        prompt = f"USER: {getattr(processor, 'image_token', '<image>')}\n{question} ASSISTANT:"
-    return processor(images=image, text=prompt, return_tensors="pt")
+    return processor(images=image, text=build_prompt(processor, question), return_tensors="pt")
 
 
 def measure(
@@ -250,7 +245,7 @@ def measure(
         feats, sal = _vision_inputs(model, inputs)
         crops = feats.shape[0]
         per_crop = max(1, budget // crops)
-        own = {k: v for k, v in options.items() if k in get_method(method).options}  # not keep_newlines
+        own = method_options(options)  # without the patch's own keep_newlines
         select_s = timed(
             lambda: scope.prune(feats, sal, budget=per_crop, method=method, **own), device, min_run_time / 2
         )

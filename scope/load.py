@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-__all__ = ["load", "hub_reachable", "resolve_device"]
+__all__ = ["load", "hub_reachable", "resolve_device", "resolve_dtype"]
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -163,7 +163,9 @@ def load(
     placed = "device_map" in kwargs or "quantization_config" in kwargs
     target = None if placed else resolve_device(device)
     source = _resolve(model_id_or_path, kwargs)
-    kwargs["dtype"] = _dtype(dtype, kwargs, _embedded(source))
+    dtype = _dtype(dtype, kwargs, _embedded(source))
+    if dtype is not None:
+        kwargs["dtype"] = dtype
     model, processor = _from_files(source, kwargs)
     model.eval()
     if target is not None:
@@ -198,17 +200,26 @@ def resolve_device(device: str | None):
     return target
 
 
+def resolve_dtype(value):
+    """``"float16"`` / ``"torch.float16"`` / a torch dtype -> that dtype; ``"auto"`` (the stored one) and None
+    as they are; anything else a ValueError naming it."""
+    import torch
+
+    if value is None or isinstance(value, torch.dtype) or value == "auto":
+        return value
+    dtype = getattr(torch, str(value).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype={value!r} is not a torch dtype (float16, bfloat16, float32) or 'auto'")
+    return dtype
+
+
 def _dtype(dtype, kwargs: dict, embedded: bool):
     import torch
 
     given = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
     if dtype is not None and given is not None:
         raise ValueError(f"give the dtype once: dtype={dtype!r} and from_pretrained dtype={given!r}")
-    dtype = dtype if dtype is not None else given
-    if isinstance(dtype, str) and dtype != "auto":
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype={dtype!r} is not a torch dtype (e.g. 'float16', 'bfloat16', 'float32')")
-        dtype = getattr(torch, dtype)
+    dtype = resolve_dtype(dtype if dtype is not None else given)
     if dtype is None and embedded:
         # The embedded checkpoints are stored in bf16 but run in fp32: CPU bf16 kernels round differently
         # on different CPUs, and near-tied answers flipped between two machines (make reproduce tables).
@@ -220,8 +231,6 @@ def _from_files(source: str, kwargs: dict):
     """Model and processor from ``source`` (local folder, or the hub only when reachable)."""
     from transformers import AutoConfig, AutoProcessor
 
-    if kwargs.get("dtype") is None:
-        kwargs.pop("dtype", None)
     local_only = _offline() or bool(kwargs.pop("local_files_only", False)) or Path(source).exists()
     if not local_only and not hub_reachable():
         local_only = True  # cached hub id, no network: use the cache instead of waiting on timeouts

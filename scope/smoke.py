@@ -190,14 +190,9 @@ def expected_tokens(model, name: str, method: str, budget: int, run: Run) -> lis
         n_visual = (run.inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
         return [token_schedule(method, budget, n, n_layers) for n in n_visual]
     if name == "tiny-llava-next":
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+        from scope.patch.llava_next import crop_counts
 
-        crop = model.config.vision_config.image_size
-        crops = [
-            image_size_to_num_patches(s, model.config.image_grid_pinpoints, crop)
-            for s in run.inputs["image_sizes"]
-        ]
-        return [(budget // c) * c for c in crops]
+        return [(budget // c) * c for c in crop_counts(model, run.inputs["image_sizes"])]
     return [budget] * run.inputs["input_ids"].shape[0]
 
 
@@ -401,8 +396,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.gpu_hours:
         print(gpu_hours_table())
         return 0
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"FAIL setup: --device {args.device} but torch {torch.__version__} sees no CUDA device")
+    from scope.load import resolve_device
+
+    try:
+        resolve_device(args.device)
+    except ValueError as err:
+        print(f"FAIL setup: {err} (torch {torch.__version__})")
         return 1
     methods = _split(args.methods) or (list(QUICK_METHODS) if args.quick else None)
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"

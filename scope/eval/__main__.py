@@ -16,17 +16,9 @@ directory per combination (``<method>-<budget>``, plus ``none`` for the unpruned
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
-
-
-def _value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
-    from scope.eval.rundir import rescore, summary_table
+    from scope.eval.rundir import json_value, rescore, summary_table
     from scope.eval.runner import evaluate, sweep
 
     if args.rescore:
@@ -77,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if "=" not in kv:
             raise SystemExit(f"--option {kv!r} must look like KEY=VALUE")
         k, v = kv.split("=", 1)
-        options[k.strip()] = _value(v.strip())
+        options[k.strip()] = json_value(v.strip())
 
 
     from scope.eval.runner import partial_state

@@ -33,7 +33,6 @@ older ones. Prompts follow the checkpoint's chat template and decoding is greedy
 from __future__ import annotations
 
 import contextlib
-import json
 from typing import Any
 
 try:
@@ -48,6 +47,8 @@ except ImportError as err:  # the extra is optional: say how to get it
 import torch
 
 from scope.eval.generate import build_prompt, generate_answers
+from scope.eval.rundir import json_value
+from scope.load import resolve_dtype
 from scope.methods import IN_LLM, get_method, is_unpruned
 
 # --model_args keys passed on to scope.load (from_pretrained); pretrained, dtype and device are arguments
@@ -80,17 +81,8 @@ def split_model_args(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
             if value is not None:
                 load_kw[key] = str(value) if key == "revision" else value
         else:
-            options[key] = _json_value(value)
+            options[key] = json_value(value)
     return load_kw, options
-
-
-def _json_value(value: Any) -> Any:
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value
 
 
 def parse_batch_size(value: int | str | None, max_batch_size: int | None = None) -> int:
@@ -112,17 +104,7 @@ def parse_batch_size(value: int | str | None, max_batch_size: int | None = None)
     return size
 
 
-def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | str | None:
-    """``dtype=float16`` (or ``torch.float16``) -> ``torch.float16``; ``auto`` (the stored dtype) as is."""
-    if value is None or isinstance(value, torch.dtype) or value == "auto":
-        return value
-    name = str(value).removeprefix("torch.")
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(
-            f"dtype must name a torch dtype (float16, bfloat16, float32) or 'auto', got {value!r}"
-        )
-    return dtype
+parse_dtype = resolve_dtype  # lmms-eval's dtype=float16 / torch.float16 / auto
 
 
 def _budget(value: Any) -> Any:
@@ -156,9 +138,11 @@ def _model_device(model: Any) -> torch.device:
 def _precheck(method: str, options: dict[str, Any]) -> None:
     """What can be checked before a checkpoint loads: the method's name and, for pre-LLM and unpruned
     methods, the option names and values (the full check against the model follows after loading)."""
+    from scope.patch import method_options
+
     record = get_method(method)
     if record.stage != IN_LLM:
-        record.check_options({k: v for k, v in options.items() if k != "keep_newlines"})
+        record.check_options(method_options(options))
 
 
 @contextlib.contextmanager
@@ -230,11 +214,12 @@ class ScopeLlava(lmms):
         self.model, self.processor = model.eval(), processor
         self.method, self.budget, self.options = method, budget, dict(options)
         self.max_new_tokens = max_new_tokens
-        with _explained(method):
-            check(self.model, method, budget, **self.options)
-        unpatch(self.model)
-        if not is_unpruned(method):
-            patch(self.model, method=method, budget=budget, **self.options)
+        with _explained(method):  # patch checks everything first and replaces an earlier patch
+            if is_unpruned(method):  # the unpruned model runs unpatched
+                check(self.model, method, budget, **self.options)
+                unpatch(self.model)
+            else:
+                patch(self.model, method=method, budget=budget, **self.options)
 
     @staticmethod
     def _load(pretrained, dtype, device, load_kw: dict[str, Any], state):

@@ -107,6 +107,17 @@ def repair_tail(path: Path) -> None:
         path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
+def json_value(text: Any) -> Any:
+    """A command-line value read as JSON when it is JSON (``0.5`` -> 0.5, ``[8,16]`` -> a list), else kept
+    as written (``add`` -> "add")."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def read_jsonl(path: str | Path, require: tuple[str, ...] = ()) -> list[dict]:
     """Records of a JSONL file. A malformed line (a crash mid-write), or a record lacking a field of
     ``require``, is skipped with a warning naming the file and line: it counts as not done, so a resume

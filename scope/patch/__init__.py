@@ -60,10 +60,24 @@ from scope.methods import IN_LLM, NONE, get_method, names
 from .cache import reuse_vision_features
 from .state import PatchState
 
-__all__ = ["patch", "unpatch", "is_patched", "check", "equivalent_tokens", "reuse_vision_features"]
+__all__ = [
+    "patch",
+    "unpatch",
+    "is_patched",
+    "check",
+    "method_options",
+    "equivalent_tokens",
+    "reuse_vision_features",
+]
 
 # options of the patch itself (not of the method), by model family
 _FAMILY_OPTIONS = {"llava": (), "llava_next": ("keep_newlines",)}
+
+
+def method_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` without those of the patch itself (``keep_newlines``): what the method's function takes."""
+    family = {k for keys in _FAMILY_OPTIONS.values() for k in keys}
+    return {k: v for k, v in options.items() if k not in family}
 
 
 class _Handle:
