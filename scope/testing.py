@@ -16,11 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from scope.mini.model import CHAT_TEMPLATE, llava_config, llava_processor, word_tokenizer
-
 __all__ = [
     "WORDS",
-    "CHAT_TEMPLATE",
     "tiny_tokenizer",
     "tiny_llava",
     "tiny_llava_next",
@@ -46,6 +43,8 @@ def tiny_tokenizer(extra_words: tuple[str, ...] = ()):
     vocab = {tok: i for i, tok in enumerate(SPECIAL)}
     for word in (*WORDS, *extra_words):
         vocab.setdefault(word, len(vocab))
+    from scope.mini.model import CHAT_TEMPLATE, word_tokenizer  # transformers loads on first use, not import
+
     tok = word_tokenizer(vocab, pre_tokenizers.WhitespaceSplit(), SPECIAL)
     tok.chat_template = CHAT_TEMPLATE
     return tok
@@ -54,6 +53,8 @@ def tiny_tokenizer(extra_words: tuple[str, ...] = ()):
 def _build(seed, image_size, patch_size, text_layers, vision_layers, attn_implementation, pinpoints=None):
     """A tiny (random, seeded) model of ``scope.mini.model.llava_config`` and its processor."""
     from transformers import AutoModelForImageTextToText
+
+    from scope.mini.model import llava_config, llava_processor
 
     tok = tiny_tokenizer()
     config = llava_config(
