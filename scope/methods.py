@@ -40,6 +40,7 @@ __all__ = [
     "register",
     "unregister",
     "get_method",
+    "find_method",
     "names",
     "is_unpruned",
     "from_paper_label",
@@ -196,11 +197,10 @@ def register(method: Method, replace: bool = False) -> Method:
     taken = [n for n in (method.name, *method.aliases) if n in METHODS or n in _ALIASES]
     if taken and not replace:
         raise ValueError(f"method name(s) {taken} already registered; pass replace=True to redefine")
-    if replace:
-        if method.name in METHODS:
-            unregister(method.name)
-        for n in (method.name, *method.aliases):  # a name another method used as an alias is now this one
-            _ALIASES.pop(n, None)
+    if replace and method.name in METHODS:
+        unregister(method.name)
+    # a registered name wins over another method's alias of the same spelling (get_method looks there
+    # first), and that alias comes back when the name is unregistered
     METHODS[method.name] = method
     for alias in method.aliases:
         _ALIASES[alias] = method.name
@@ -224,6 +224,15 @@ def get_method(name: str | Method) -> Method:
         if name in _ALIASES:
             return METHODS[_ALIASES[name]]
     raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+
+
+def find_method(name) -> Method | None:
+    """The record of ``name`` (aliases too), or None for a name this session has not registered: for reading
+    what others recorded (run folders, tables), where an unknown method is not an error."""
+    try:
+        return get_method(name)
+    except ValueError:
+        return None
 
 
 def names(*stages: str) -> list[str]:

@@ -34,7 +34,7 @@ import pandas as pd
 from scope import lock
 from scope.eval.rundir import read_jsonl
 from scope.eval.tasks import get_task
-from scope.methods import METHODS, UNPRUNED, from_paper_label, get_method, is_unpruned
+from scope.methods import UNPRUNED, find_method, from_paper_label, is_unpruned
 from scope.paths import PAPER_DIR
 
 # SynthBench families -> the paper benchmark each mirrors (column headers of our Table 1 analogue).
@@ -59,13 +59,13 @@ CSV_FLOAT_FORMAT = "%.6g"
 def method_label(method: str) -> str:
     """How our tables and figures print a method: its registry label ("All tokens" for the unpruned model);
     unknown names unchanged."""
-    record = METHODS.get(method_name(method))
+    record = find_method(method)
     return record.label if record is not None else method
 
 
 def paper_label(method: str) -> str:
     """How the paper's tables name ``method`` (its record's paper label, else its label, else the name)."""
-    record = METHODS.get(method_name(method))
+    record = find_method(method)
     if record is None:
         return method
     return record.paper_label or record.label
@@ -136,18 +136,15 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
 def method_name(name: str) -> str:
     """A run's method as the registry names it (aliases such as "pyramiddrop" -> "pdrop"); names this
     session has not registered are kept as they are."""
-    try:
-        return get_method(name).name
-    except ValueError:
-        return name
+    record = find_method(name)
+    return record.name if record is not None else name
 
 
 def is_unpruned_run(cfg: dict) -> bool:
     """Whether a run's config.json describes the unpruned model."""
-    try:
-        return is_unpruned(cfg.get("method"))
-    except ValueError:  # a method this session has not registered: a pruned run all the same
-        return False
+    name = cfg.get("method")
+    record = find_method(name) if name is not None else None
+    return name is None or (record is not None and is_unpruned(record.name))
 
 
 def bootstrap_ci(
@@ -163,29 +160,36 @@ def bootstrap_ci(
     Resamples whole units (a question, an MME image pair, an MMBench circular group) with replacement; a
     unit drawn twice enters the metric as two distinct units.
     """
+    metric = metric or get_task(task).main
+    return bootstrap_cis(records, task, [metric], n_boot, seed, level)[metric]
+
+
+def bootstrap_cis(
+    records: Sequence[dict], task: str, metrics: Sequence[str], n_boot: int = 1000, seed: int = 0, level=0.95
+) -> dict[str, tuple[float, float]]:
+    """:func:`bootstrap_ci` of several metrics from the same resamples (each resample aggregated once)."""
     if not 0 < level < 1:
         raise ValueError(f"level={level!r} must be in (0, 1)")
     if n_boot < 1:
         raise ValueError(f"n_boot={n_boot!r} must be >= 1")
     t = get_task(task)
-    metric = metric or t.main
     units: dict[Any, list[dict]] = {}
     for r in records:
         units.setdefault(json.dumps(r.get(t.unit, r.get("idx"))), []).append(r)
     keys = list(units)
     if not keys:
-        return (math.nan, math.nan)
+        return {m: (math.nan, math.nan) for m in metrics}
     rng = random.Random(seed)
-    stats = []
+    stats: dict[str, list[float]] = {m: [] for m in metrics}
     for _ in range(n_boot):
         sample = []
         for k, key in enumerate(rng.choices(keys, k=len(keys))):
             sample += [{**r, t.unit: f"{key}#{k}"} for r in units[key]]
-        stats.append(t.aggregate(sample).get(metric, math.nan))
-    stats.sort()
-    lo = stats[int(math.floor((1 - level) / 2 * (n_boot - 1)))]
-    hi = stats[int(math.ceil((1 + level) / 2 * (n_boot - 1)))]
-    return (lo, hi)
+        aggregated = t.aggregate(sample)
+        for m in metrics:
+            stats[m].append(aggregated.get(m, math.nan))
+    lo, hi = int(math.floor((1 - level) / 2 * (n_boot - 1))), int(math.ceil((1 + level) / 2 * (n_boot - 1)))
+    return {m: (sorted(v)[lo], sorted(v)[hi]) for m, v in stats.items()}
 
 
 def _metric_names(task: str, result: dict, metrics: str | Sequence[str]) -> list[str]:
@@ -259,7 +263,9 @@ def results_long(
                         if records
                         else dict.fromkeys([*res.get("metrics", {}), res["main"]], math.nan)
                     )
-            for metric in _metric_names(task, res, metrics):
+            names = _metric_names(task, res, metrics)
+            intervals = bootstrap_cis(records, task, names, n_boot=n_boot, seed=seed) if ci else {}
+            for metric in names:
                 row = {
                     "run": d.name,
                     "model": cfg.get("model"),
@@ -276,9 +282,7 @@ def results_long(
                     "equivalent_tokens": res.get("equivalent_tokens"),
                 }
                 if ci:
-                    row["lo"], row["hi"] = bootstrap_ci(
-                        records, task, n_boot=n_boot, seed=seed, metric=metric
-                    )
+                    row["lo"], row["hi"] = intervals[metric]
                 rows.append(row)
     if not rows:
         raise ValueError(f"paths={list(map(str, paths))} hold no finished runs (results.json)")

@@ -23,8 +23,8 @@ from matplotlib.colors import to_rgb
 from matplotlib.patches import Rectangle
 
 from scope import lock
-from scope.methods import METHODS, PALETTE
-from scope.report import check_columns, check_name, method_label, method_name, output_dir
+from scope.methods import METHODS, PALETTE, find_method
+from scope.report import check_columns, check_name, method_label, output_dir
 
 
 def set_style(context: str = "notebook") -> None:
@@ -49,7 +49,7 @@ def method_colors(methods: Iterable[str] | None = None) -> dict[str, tuple[float
     spare = iter([c for c in PALETTE if c not in used] + list(PALETTE))
     colors: dict[str, tuple[float, float, float]] = {}
     for m in methods:
-        record = METHODS.get(method_name(m))
+        record = find_method(m)
         color = record.color if record is not None and record.color else next(spare)
         colors[m] = tuple(float(v) for v in to_rgb(color))
     return colors
@@ -58,10 +58,10 @@ def method_colors(methods: Iterable[str] | None = None) -> dict[str, tuple[float
 def method_markers(methods: Iterable[str]) -> dict[str, str]:
     """A marker per method (shape as well as colour, so curves stay apart in grey-scale print)."""
     methods = list(methods)
-    names = {m: method_name(m) for m in methods}
-    used = {METHODS[n].marker for n in names.values() if n in METHODS}
+    records = {m: find_method(m) for m in methods}
+    used = {r.marker for r in records.values() if r is not None}
     spare = iter([m for m in "hpd8H*o" if m not in used])
-    return {m: METHODS[names[m]].marker if names[m] in METHODS else next(spare, "o") for m in methods}
+    return {m: r.marker if r is not None else next(spare, "o") for m, r in records.items()}
 
 
 def token_grid(n_tokens: int) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import rotate_half  # RoPE as the Llama layers apply it
 
 from scope.mini.scenes import RENDER_SIZE, Scene
 from scope.mini.sequences import Seq
@@ -41,19 +42,14 @@ class AttentionInputs:
             h.remove()
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
-
-
 def _head_logp(attn, h, cos, sin, qb: torch.Tensor, qp: torch.Tensor, head: int) -> torch.Tensor:
     """Log attention weights [n, L] of ``head`` from the queries (``qb``, ``qp``), from the layer's input."""
     hd = attn.head_dim
     q = head_slice(attn.q_proj, h[qb, qp], hd, head)  # [n, hd]
     k = head_slice(attn.k_proj, h, hd, head)  # [B, L, hd]
     c, s = cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1)  # [B, L, hd]: positions per row
-    q = q * c[qb, qp] + _rotate_half(q) * s[qb, qp]
-    k = k * c + _rotate_half(k) * s
+    q = q * c[qb, qp] + rotate_half(q) * s[qb, qp]
+    k = k * c + rotate_half(k) * s
     b, n_keys = k.shape[:2]
     # every query against every row's keys in one matmul, then each query's own row: gathering k[qb] instead
     # ([n, L, hd], hundreds of queries a batch) made a full-token stage-2 step 2.2 s instead of 1.7 s

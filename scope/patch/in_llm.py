@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.models.llama.modeling_llama import rotate_half  # RoPE as the Llama layers apply it
 
 from scope.methods import IN_LLM, get_method, names
 
@@ -180,11 +181,6 @@ def _mask_4d(valid_kv: torch.Tensor, q_len: int, attn_impl: str, dtype: torch.dt
     return torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
-
-
 @torch.no_grad()
 def last_token_attention(layer, hidden: torch.Tensor, cos_sin, valid: torch.Tensor) -> torch.Tensor:
     """Head-averaged attention ``[B, L]`` of each row's last valid token in ``layer``, given its input.
@@ -202,8 +198,8 @@ def last_token_attention(layer, hidden: torch.Tensor, cos_sin, valid: torch.Tens
     cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)
     q = attn.q_proj(h[rows, last]).view(B, -1, hd)  # [B, H, hd]
     k = attn.k_proj(h).view(B, L, -1, hd).transpose(1, 2)  # [B, Hkv, L, hd]
-    q = q * cos[rows, last][:, None] + _rotate_half(q) * sin[rows, last][:, None]
-    k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+    q = q * cos[rows, last][:, None] + rotate_half(q) * sin[rows, last][:, None]
+    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention
     scores = torch.einsum("bhd,bhld->bhl", q.float(), k.float()) * attn.scaling
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
