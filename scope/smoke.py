@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
+from scope.methods import COMPARED
+
 __all__ = [
     "Case",
     "Check",
@@ -46,7 +48,7 @@ __all__ = [
     "run_checks",
     "main",
     "QUESTIONS",
-    "RUNBOOK",
+    "runbook",
     "gpu_hours_table",
 ]
 
@@ -62,7 +64,7 @@ TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
 SELECTION_SLACK = 0.25
 DEFAULT_DTYPES = {"cuda": ("float16", "bfloat16"), "cpu": ("float32",)}
 ATTENTION = ("sdpa", "flash_attention_2")
-QUICK_METHODS = ("scope", "visionzip", "random", "fastv", "pdrop")
+QUICK_METHODS = COMPARED  # the methods of the paper's efficiency comparison
 
 
 @dataclass(frozen=True)
@@ -429,9 +431,25 @@ QUESTIONS = {
 }
 T1 = ("gqa", "mmbench_en_dev", "mme", "pope", "scienceqa_img", "textvqa_val", "seedbench")
 T2 = ("gqa", "mmbench_en_dev", "mme", "scienceqa_img", "textvqa_val", "mmmu_val")
-_M1 = ("scope", "visionzip", "divprune", "saliency", "random", "fastv", "pdrop")  # notebook 03's methods
-_M2 = ("scope", "visionzip", "saliency", "random")  # notebook 04's
-_M4 = ("scope", "visionzip", "divprune", "saliency", "random")  # notebook 05's
+
+
+def notebook_methods(stem: str) -> tuple[str, ...]:
+    """The ``methods`` parameter of ``notebooks/<stem>.ipynb``: the runbook runs what the notebook reads."""
+    import ast
+    import json
+
+    from scope.paths import NOTEBOOKS_DIR
+
+    cells = json.loads((NOTEBOOKS_DIR / f"{stem}.ipynb").read_text())["cells"]
+    source = next(
+        "".join(c["source"]) for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])
+    )
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "methods":
+            return tuple(ast.literal_eval(node.value))
+    raise ValueError(f"notebook {stem} has no methods parameter")
+
+
 _FIG6 = ("alpha0.25", "alpha0.5", "alpha2", "alpha4", "add")  # notebook 07's SCOPE variants at 64
 
 
@@ -450,23 +468,37 @@ def _runs(methods: Sequence[str], budgets: Sequence[int], unpruned: bool = True)
     return head + tuple((f"{m}-{b}", m, b) for m in methods for b in budgets)
 
 
-RUNBOOK = (
-    Job("Table 1", "llava-1.5-7b", T1, _runs(_M1, (192, 128, 64))),
-    Job("Table 2", "llava-v1.6-vicuna-7b", T2, _runs(_M2, (640, 320, 160))),
-    Job("Fig. 4 (32/16/8)", "llava-1.5-7b", T1, _runs(_M4, (32, 16, 8), unpruned=False)),
-    Job(
-        "Table 4 + Fig. 6",
-        "llava-1.5-7b",
-        T1,
-        (("coverage-64", "coverage", 64),) + tuple((f"scope-64-{v}", "scope", 64) for v in _FIG6),
-    ),
-    Job(
-        "Table 5",
-        "llava-v1.6-vicuna-7b",
-        ("pope",),
-        (("none", "none", None), ("scope-160", "scope", 160), ("pdrop-160", "pdrop", 160)),
-    ),
-)
+def runbook() -> tuple[Job, ...]:
+    """The runs of each paper element (the README's runbook), methods as notebooks 03, 04, 05 and 07 use them."""
+    return (
+        Job("Table 1", "llava-1.5-7b", T1, _runs(notebook_methods("03_llava15_results"), (192, 128, 64))),
+        Job(
+            "Table 2",
+            "llava-v1.6-vicuna-7b",
+            T2,
+            _runs(notebook_methods("04_llava_next_results"), (640, 320, 160)),
+        ),
+        Job(
+            "Fig. 4 (32/16/8)",
+            "llava-1.5-7b",
+            T1,
+            _runs(notebook_methods("05_extreme_pruning"), (32, 16, 8), unpruned=False),
+        ),
+        Job(
+            "Table 4 + Fig. 6",
+            "llava-1.5-7b",
+            T1,
+            (("coverage-64", "coverage", 64),) + tuple((f"scope-64-{v}", "scope", 64) for v in _FIG6),
+        ),
+        Job(
+            "Table 5",
+            "llava-v1.6-vicuna-7b",
+            ("pope",),
+            (("none", "none", None), ("scope-160", "scope", 160), ("pdrop-160", "pdrop", 160)),
+        ),
+    )
+
+
 A100_FP16 = 312e12  # dense FLOP/s (tensor cores, fp16 / bf16)
 PAPER_TABLE5 = {"none": 601.9, "scope": 188.8, "pdrop": 184.0}  # s, LLaVA-NeXT 7B, POPE (data/paper)
 
@@ -501,7 +533,7 @@ def gpu_hours(utilisation: float = 0.4, gpus: int = 4):
 
     rate, overhead = table5_fit(gpus)
     rows = []
-    for job in RUNBOOK:
+    for job in runbook():
         n = sum(QUESTIONS[t] for t in job.tasks)
         flops = sum(_flops(job.config, m, b) for _, m, b in job.runs) * n
         rows.append({

@@ -124,12 +124,7 @@ def evaluate(
     (:class:`scope.eval.rundir.RunLock`). Returns the dict written to results.json (complete on the main
     process only).
     """
-    for name, value in (
-        ("batch_size", batch_size),
-        ("max_new_tokens", 1 if max_new_tokens is None else max_new_tokens),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be an int >= 1")
+    _check_sizes(batch_size, max_new_tokens)
     task_list = parse_tasks(tasks)
     datasets = {get_task(k).name: v for k, v in (datasets or {}).items()}
     out_dir = Path(out_dir)
@@ -163,6 +158,14 @@ def evaluate(
         if is_main:
             _write_results(out_dir / "results.json", results)
     return results
+
+
+def _check_sizes(batch_size: int, max_new_tokens: int | None) -> None:
+    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        if value is None and name == "max_new_tokens":
+            continue  # the task's own length
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an int >= 1")
 
 
 def _open(lock: RunLock, out_dir: Path, config: dict, overwrite: bool) -> None:
