@@ -311,15 +311,20 @@ def prefill_flops(
     crops, per_crop = visual_layout(config)
     n_visual = crops * per_crop if n_visual is None else int(n_visual)
     n_layers = config.text_config.num_hidden_layers
+    # a selection on the projector's output (DivPrune as its authors run it) projects every token and, on
+    # LLaVA-NeXT, selects once over the whole image instead of floor(K / crops) per crop
+    on_projected = record.stage == PRE_LLM and record.selects_projected(options)
     if record.stage == PRE_LLM:
-        entering = crops * (budget // crops)  # per-crop split: floor(K / crops) per crop
+        entering = budget if on_projected else crops * (budget // crops)
         schedule = token_schedule(record.name, entering, n_visual, n_layers, **options)
     else:  # the unpruned model and in-LLM methods feed the LLM every visual token
         entering = n_visual
         schedule = token_schedule(record.name, budget, n_visual, n_layers, **options)
     llm = llm_flops(model, [prompt_tokens + s for s in schedule])
     sal = saliency_flops(model, crops) if record.needs_saliency(options) else 0
-    if record.stage == PRE_LLM:
+    if on_projected:
+        sel = selection_flops(record.name, budget, 1, n_visual, config.text_config.hidden_size)["total"]
+    elif record.stage == PRE_LLM:
         sel = selection_flops(record.name, budget, crops, per_crop, config.vision_config.hidden_size)["total"]
     elif record.stage == IN_LLM:
         # their ranking: the last token's attention row, recomputed before every drop (counted as the in-LLM
@@ -329,7 +334,7 @@ def prefill_flops(
     else:
         sel = 0
     vis = vision_flops(model, crops)
-    proj = projector_flops(model, entering)
+    proj = projector_flops(model, n_visual if on_projected else entering)
     total = vis + sal + sel + proj + llm
     t = config.text_config
     d_kv = (getattr(t, "num_key_value_heads", None) or t.num_attention_heads) * (

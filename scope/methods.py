@@ -44,6 +44,9 @@ __all__ = [
     "names",
     "is_unpruned",
     "from_paper_label",
+    "PDROP_PRESETS",
+    "VISIONZIP_CONTEXTUAL",
+    "paper_options",
 ]
 
 PRE_LLM, IN_LLM, NONE = "pre_llm", "in_llm", "none"
@@ -103,6 +106,11 @@ class Method:
     options: name -> :class:`Option`; unknown names and invalid values are refused before anything runs.
     keys_option: the option that takes the vision tower's attention keys when :mod:`scope.patch` runs it
         (VisionZip merges by key similarity) unless the caller passed one.
+    cls_option: the option that takes the vision tower's CLS-token feature ``[n, d]`` when :mod:`scope.patch`
+        runs it (VisionZip's ``keep_cls``) unless the caller passed one.
+    projected: whether the selection runs on the projector's output instead of the vision features: a bool
+        or ``f(options) -> bool`` (DivPrune's ``feature_space="projected"``); :mod:`scope.patch` then
+        projects every token first and selects among the projected rows.
     sample_ids_option: the option that takes one id per image (a hash of its pixels) when :mod:`scope.patch`
         runs it, so a random draw depends on the image and the seed, not on the batch.
     compact_positions: in-LLM only: whether RoPE positions are renumbered after a drop (PDrop) or each kept
@@ -124,6 +132,8 @@ class Method:
     saliency: bool | Callable[[Mapping[str, Any]], bool] = False
     options: Mapping[str, Option] = field(default_factory=dict)
     keys_option: str | None = None
+    cls_option: str | None = None
+    projected: bool | Callable[[Mapping[str, Any]], bool] = False
     sample_ids_option: str | None = None
     compact_positions: bool = False
     budget_optional: bool = False
@@ -162,6 +172,12 @@ class Method:
         if callable(self.saliency):
             return bool(self.saliency(self.check_options(dict(options or {}))))
         return bool(self.saliency)
+
+    def selects_projected(self, options: Mapping[str, Any] | None = None) -> bool:
+        """Whether, with ``options``, the selection reads the projector's output (see ``projected``)."""
+        if callable(self.projected):
+            return bool(self.projected(self.check_options(dict(options or {}))))
+        return bool(self.projected)
 
     def tokens_per_layer(
         self, budget: int | None, n_visual: int, num_layers: int, options: Mapping[str, Any] | None = None
@@ -304,6 +320,10 @@ def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda x: x is None or check(x)
 
 
+def _bool(x) -> bool:
+    return isinstance(x, bool) or type(x).__name__ == "bool_"
+
+
 def _grid(x) -> bool:
     return len(x) == 2 and all(_int(1)(v) for v in x)
 
@@ -315,6 +335,17 @@ def _layers(x) -> bool:
 
 def _ints(x) -> bool:
     return all(_int()(v) for v in x)
+
+
+def _stages(x) -> bool:
+    # [(layer, keep), ...]: layers increasing from 1, every count >= 1
+    pairs = [tuple(p) for p in x]
+    return (
+        bool(pairs)
+        and all(len(p) == 2 for p in pairs)
+        and _layers([p[0] for p in pairs])
+        and all(_int(1)(p[1]) for p in pairs)
+    )
 
 
 def _ratio(x) -> bool:
@@ -331,6 +362,9 @@ IMPL = Option(
     _one_of("auto", "fast", "reference", "dense"),
     "'auto' (dense on CUDA, fast elsewhere), 'fast', 'reference' or 'dense'",
 )
+# "float32": the greedy's arithmetic upcast (ours); "float16": the authors' code, which runs it in the model's
+# half precision (normalise, cosine matrix, gains, scores), see scope.half
+PRECISION = Option("float32", _one_of("float32", "float16"), "'float32' or 'float16'")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -371,12 +405,14 @@ BUILTIN = (
             "alpha": Option(1.0, _finite_nonneg, "a finite number >= 0"),
             "combine": Option("mul", _one_of("mul", "add"), "'mul' or 'add'"),
             "impl": IMPL,
+            "precision": PRECISION,
         },
         selection_flops=_greedy_coverage_flops,
     ),
     Method(
         "coverage", PRE_LLM, "Coverage-only", "Coverage-only", PALETTE[2], "^",
-        fn=f"{_SEL}:select_coverage", options={"impl": IMPL}, selection_flops=_greedy_coverage_flops,
+        fn=f"{_SEL}:select_coverage", options={"impl": IMPL, "precision": PRECISION},
+        selection_flops=_greedy_coverage_flops,
     ),
     Method("saliency", PRE_LLM, "Saliency-only", "Saliency-only", PALETTE[1], "s",
            fn=f"{_SEL}:select_saliency", saliency=True),
@@ -386,16 +422,26 @@ BUILTIN = (
            sample_ids_option="sample_ids"),
     Method("uniform", PRE_LLM, "Uniform grid", "Uniform", PALETTE[5], "P", fn=f"{_SEL}:select_uniform",
            options={"grid": Option(None, _optional(_grid), "None or (rows, cols) of positive ints")}),
-    Method("divprune", PRE_LLM, "DivPrune", "DivPrune", PALETTE[4], "v",
-           fn=f"{_SEL}:select_divprune", selection_flops=_maxmin_flops),
+    Method(
+        "divprune", PRE_LLM, "DivPrune", "DivPrune", PALETTE[4], "v",
+        fn=f"{_SEL}:select_divprune",
+        options={
+            "feature_space": Option("vision", _one_of("vision", "projected"), "'vision' or 'projected'"),
+            "precision": PRECISION,
+        },
+        projected=lambda o: o["feature_space"] == "projected", selection_flops=_maxmin_flops,
+    ),
     Method(
         "visionzip", PRE_LLM, "VisionZip", "VisionZip", PALETTE[3], "D",
         fn=f"{_SEL}:merge_visionzip", saliency=True,
         options={
             "n_contextual": Option(None, _optional(_int(0)), "None or an int >= 0"),
             "metric": Option(None, _tensor_or_none, "None or a tensor [B, N, d'] of merge features"),
+            "order": Option("raster", _one_of("raster", "official"), "'raster' or 'official'"),
+            "keep_cls": Option(False, _bool, "True or False"),
+            "cls_token": Option(None, _tensor_or_none, "None or a tensor [B, d] of CLS features"),
         },
-        keys_option="metric", selection_flops=_merge_flops,
+        keys_option="metric", cls_option="cls_token", selection_flops=_merge_flops,
     ),
     Method("fastv", IN_LLM, "FastV", "FastV", PALETTE[8], "<", plan=f"{_IN_LLM}:fastv_plan",
            options={"layer": Option(2, _int(1), "an int >= 1")}),
@@ -404,6 +450,7 @@ BUILTIN = (
         options={
             "layers": Option(None, _optional(_layers), "None or increasing ints >= 1"),
             "ratio": Option(0.5, _ratio, "a number in (0, 1)"),
+            "stages": Option(None, _optional(_stages), "None or [(layer, keep), ...], layers increasing >= 1"),
         },
         compact_positions=True, budget_optional=True, aliases=("pyramiddrop",),
     ),
@@ -430,3 +477,57 @@ def describe(methods: Iterable[str] | None = None) -> list[dict[str, Any]]:
         }
         for m in (get_method(n) for n in (methods if methods is not None else METHODS))
     ]
+
+
+# --------------------------------------------------------------------------------------------------------
+# the authors' settings (the paper's protocol)
+# --------------------------------------------------------------------------------------------------------
+
+# PDrop† of the paper: (layer, visual tokens kept from that layer on) per model family and nominal budget,
+# chosen so that the visual tokens averaged over the 32 LLM layers come to about the budget. Source:
+# kinredon/SCOPE, LLaVA/llava/model/llava_arch.py (``layer_list`` / ``image_token_ratio_list`` set for
+# LLaVA-1.5 as "original pdrop parameters", and for LLaVA-NeXT at 160 over 2880 tokens); the counts are
+# absolute (> 1), and ``layer_list`` entry b drops after layer b - 1, so layer b is the first to see them.
+PDROP_PRESETS: dict[tuple[str, int], tuple[tuple[int, int], ...]] = {
+    ("llava", 64): ((2, 66), (6, 30), (16, 17)),
+    ("llava", 128): ((2, 303), (6, 110), (16, 36)),
+    ("llava", 192): ((2, 300), (6, 200), (16, 110)),
+    ("llava_next", 160): ((1, 136), (6, 100), (16, 44)),
+}
+
+# VisionZip contextual tokens per budget as the SCOPE authors ran it (kinredon/SCOPE,
+# LLaVA/llava/model/builder.py, ``context_dict``); the other budgets equal our default round(10 K / 64).
+# On LLaVA-NeXT the authors divide both counts by the crops (+0.5, rounded down), which our per-crop rule
+# already gives at 160 / 320 / 640, so the table applies to LLaVA-1.5 only.
+VISIONZIP_CONTEXTUAL: dict[int, int] = {8: 2, 16: 4, 32: 6, 48: 8, 64: 10, 128: 20, 192: 30}
+
+_FAMILIES = ("llava", "llava_next")
+
+
+def paper_options(method: str, budget: int | None, family: str) -> dict[str, Any]:
+    """The options of ``method`` that reproduce the authors' runs of the paper on ``family`` ("llava" or
+    "llava_next") at ``budget``: PDrop's stage preset (an error names a budget without one), VisionZip's
+    feeding order, contextual split and kept CLS token, DivPrune's projected features and float16
+    arithmetic, SCOPE's (and its variants') float16 arithmetic; ``{}`` for the other methods.
+    """
+    if family not in _FAMILIES:
+        raise ValueError(f"family must be one of {_FAMILIES}, got family={family!r}")
+    name = get_method(method).name
+    if name == "pdrop":
+        preset = PDROP_PRESETS.get((family, budget))
+        if preset is None:
+            known = sorted(b for f, b in PDROP_PRESETS if f == family)
+            raise ValueError(
+                f"no PDrop preset of the authors for {family} at budget={budget!r}; presets exist at {known}"
+            )
+        return {"stages": [list(p) for p in preset]}  # lists: what config.json gives back
+    if name == "visionzip":
+        out: dict[str, Any] = {"order": "official", "keep_cls": True}
+        if family == "llava" and budget in VISIONZIP_CONTEXTUAL:
+            out["n_contextual"] = VISIONZIP_CONTEXTUAL[budget]
+        return out
+    if name == "divprune":
+        return {"feature_space": "projected", "precision": "float16"}
+    if name in ("scope", "coverage"):  # SCOPE and its ablation variants (alpha, combine, coverage-only)
+        return {"precision": "float16"}
+    return {}

@@ -34,7 +34,7 @@ import pandas as pd
 from scope import lock
 from scope.eval.rundir import read_jsonl
 from scope.eval.tasks import get_task
-from scope.methods import UNPRUNED, find_method, from_paper_label, is_unpruned
+from scope.methods import IN_LLM, UNPRUNED, find_method, from_paper_label, is_unpruned
 from scope.paths import PAPER_DIR
 
 # SynthBench families -> the paper benchmark each mirrors (column headers of our Table 1 analogue).
@@ -279,7 +279,7 @@ def results_long(
                     "n": n,
                     "complete": complete,
                     "visual_tokens": res.get("mean_kept_tokens"),
-                    "equivalent_tokens": res.get("equivalent_tokens"),
+                    "equivalent_tokens": _equivalent_tokens(res, cfg),
                 }
                 if ci:
                     row["lo"], row["hi"] = intervals[metric]
@@ -287,6 +287,15 @@ def results_long(
     if not rows:
         raise ValueError(f"paths={list(map(str, paths))} hold no finished runs (results.json)")
     return pd.DataFrame(rows)
+
+
+def _equivalent_tokens(res: dict, cfg: dict) -> float | None:
+    """A task's visual tokens per LLM layer: as recorded, else (runs recorded before every method had it) the
+    tokens entering the LLM, which is the same number for every method but the in-LLM ones."""
+    if res.get("equivalent_tokens") is not None:
+        return res["equivalent_tokens"]
+    record = None if is_unpruned_run(cfg) else find_method(cfg.get("method"))
+    return None if record is not None and record.stage == IN_LLM else res.get("mean_kept_tokens")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -25,38 +25,29 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .half import divprune_half, scope_greedy_half
 from .methods import PRE_LLM, get_method, names
 
 __all__ = [
-    "Pruned",
-    "prune",
-    "select",
-    "cosine_similarity_matrix",
-    "scope_greedy_reference",
-    "scope_greedy_fast",
-    "scope_greedy_dense",
-    "select_scope",
-    "select_coverage",
-    "select_saliency",
-    "select_random",
-    "select_uniform",
-    "select_divprune",
-    "merge_visionzip",
-    "visionzip_counts",
-    "uniform_indices",
-]
+    "Pruned", "prune", "select", "cosine_similarity_matrix", "scope_greedy_reference", "scope_greedy_fast",
+    "scope_greedy_dense", "select_scope", "select_coverage", "select_saliency", "select_random",
+    "select_uniform", "select_divprune", "merge_visionzip", "visionzip_counts", "uniform_indices",
+]  # fmt: skip
 
 
 class Pruned(NamedTuple):
     """What enters the projector after pruning.
 
-    indices: ``LongTensor[B, K]``, ascending: which of the N tokens the output rows stand for.
+    indices: ``LongTensor[B, K]``, ascending: which of the N tokens the output rows stand for (VisionZip:
+        -1 for a kept CLS token, and with ``order="official"`` the order it feeds the rows in).
     features: ``Tensor[B, K, d]``, in the order of ``indices``. For selection methods this is a gather of
         the kept rows; for VisionZip the contextual rows are merged features.
+    n_appended: how many last rows are fed after the spatial ones (VisionZip's contextual rows, "official").
     """
 
     indices: torch.Tensor
     features: torch.Tensor
+    n_appended: int = 0
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -442,9 +433,13 @@ def scope_greedy_dense(
     return greedy_steps(sim, weight, budget, combine)
 
 
-def select_scope(features, saliency, budget, alpha: float = 1.0, combine: str = "mul", impl: str = "auto"):
+def select_scope(features, saliency, budget, alpha=1.0, combine="mul", impl="auto", precision="float32"):
     """SCOPE with ``impl``: "fast" (lazy greedy), "reference" (Algorithm 1), "dense" (sync-free, batched)
-    or "auto" (dense on CUDA, fast elsewhere). All pick the same tokens."""
+    or "auto" (dense on CUDA, fast elsewhere). All pick the same tokens. ``precision="float16"``: the
+    authors' half-precision arithmetic instead (:func:`scope.half.scope_greedy_half`, dense whatever ``impl``)."""
+    if precision == "float16":
+        _scope_weight(saliency, features.shape[:2], features, alpha, combine)  # the same input checks
+        return scope_greedy_half(features, None if alpha == 0 else saliency, budget, alpha, combine)
     if impl == "auto":
         impl = "dense" if features.device.type == "cuda" else "fast"
     greedy = {"fast": scope_greedy_fast, "reference": scope_greedy_reference, "dense": scope_greedy_dense}
@@ -453,9 +448,9 @@ def select_scope(features, saliency, budget, alpha: float = 1.0, combine: str = 
     return greedy[impl](features, saliency, budget, alpha=alpha, combine=combine)
 
 
-def select_coverage(features, saliency, budget, impl: str = "auto"):
+def select_coverage(features, saliency, budget, impl: str = "auto", precision: str = "float32"):
     """SCOPE with alpha = 0: pure facility-location coverage, saliency ignored."""
-    return select_scope(features, None, budget, alpha=0.0, impl=impl)
+    return select_scope(features, None, budget, alpha=0.0, impl=impl, precision=precision)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -532,12 +527,16 @@ def select_uniform(features, saliency, budget, grid: tuple[int, int] | None = No
     return uniform_indices(N, budget, grid).to(features.device).expand(B, budget).clone()
 
 
-def select_divprune(features, saliency, budget):
+def select_divprune(features, saliency, budget, feature_space: str = "vision", precision: str = "float32"):
     """DivPrune (Alvar et al., CVPR 2025): greedy max-min cosine distance.
 
     The first pick is the token farthest from its nearest neighbour; each next pick maximises its
-    distance to the closest token already kept. Ties go to the lowest index.
+    distance to the closest token already kept. Ties go to the lowest index. ``feature_space``: which
+    features the caller passes ("vision" or, as the authors, "projected"; :mod:`scope.patch` reads it);
+    ``precision="float16"``: the authors' half-precision arithmetic (:func:`scope.half.divprune_half`).
     """
+    if precision == "float16":
+        return divprune_half(features, budget)
     B, N, _ = features.shape
     dist = 1.0 - cosine_similarity_matrix(features)  # [B, N, N]
     rows_b = torch.arange(B, device=features.device)
@@ -567,51 +566,64 @@ def visionzip_counts(budget: int, n_contextual: int | None = None) -> tuple[int,
     return budget - n_contextual, n_contextual
 
 
-def merge_visionzip(features, saliency, budget, n_contextual: int | None = None, metric=None):
+def merge_visionzip(
+    features, saliency, budget, n_contextual=None, metric=None, order="raster", keep_cls=False, cls_token=None
+):
     """VisionZip (Yang et al., CVPR 2025): dominant tokens by saliency + merged contextual tokens.
 
     Dominant: the top ``budget - n_contextual`` tokens by CLS attention. Contextual: of the remaining
     tokens (raster order), every ``step``-th becomes a centre; each other remaining token joins the centre
     most similar to it (cosine of ``metric``, default the features; VisionZip uses the attention keys), and
     a centre's output is its own feature plus the mean of the features that joined it (VisionZip's rule).
+    ``keep_cls=True`` (official): the CLS token ``cls_token [B, d]`` (index -1) is the first dominant token.
+    ``order``: "raster" (ascending indices) or "official" (CLS, dominant tokens ascending, then the
+    contextual tokens: ``Pruned.n_appended`` of them).
     """
     sal = _need_saliency("visionzip", saliency)
     B, N, d = features.shape
     n_dom, n_ctx = visionzip_counts(budget, n_contextual)
-    dominant = _topk_first_index(sal, n_dom)
-    if n_ctx == 0:
-        return Pruned(dominant, features.gather(1, dominant[..., None].expand(-1, -1, d)))
-    if metric is None:
-        metric = features
-    elif tuple(metric.shape[:2]) != (B, N):
-        raise ValueError(f"metric shape {tuple(metric.shape)} must start with (B, N) = {(B, N)}")
-    else:
-        _check_finite("metric", metric)
-    metric = metric.to(features.dtype)
-    keep = torch.ones(B, N, dtype=torch.bool, device=features.device)
-    keep.scatter_(1, dominant, False)
-    rest = keep.nonzero()[:, 1].view(B, N - n_dom)  # remaining tokens, raster order
-    step = max(1, rest.shape[1] // n_ctx)
-    pos = torch.arange(0, rest.shape[1], step, device=features.device)[:n_ctx]
-    centres = rest[:, pos]  # [B, n_ctx]
-    others_mask = torch.ones(rest.shape[1], dtype=torch.bool, device=features.device)
-    others_mask[pos] = False
-    others = rest[:, others_mask]  # [B, R]
-    unit = F.normalize(metric, dim=-1, eps=1e-12)
-    sim = unit.gather(1, others[..., None].expand(-1, -1, unit.shape[-1])) @ unit.gather(
-        1, centres[..., None].expand(-1, -1, unit.shape[-1])
-    ).transpose(1, 2)  # [B, R, n_ctx]
-    assign = F.one_hot(sim.argmax(-1), n_ctx).to(features.dtype)  # [B, R, n_ctx]
-    counts = assign.sum(1).clamp(min=1).unsqueeze(-1)
-    other_feats = features.gather(1, others[..., None].expand(-1, -1, d))
-    merged = (
-        features.gather(1, centres[..., None].expand(-1, -1, d))
-        + assign.transpose(1, 2) @ other_feats / counts
-    )
-    idx = torch.cat([dominant, centres], 1)
-    feats = torch.cat([features.gather(1, dominant[..., None].expand(-1, -1, d)), merged], 1)
-    order = idx.argsort(-1)
-    return Pruned(idx.gather(1, order), feats.gather(1, order[..., None].expand(-1, -1, d)))
+    if order not in ("raster", "official"):
+        raise ValueError(f"visionzip order must be 'raster' or 'official', got order={order!r}")
+    if keep_cls and (cls_token is None or tuple(cls_token.shape) != (B, d)):
+        got = None if cls_token is None else tuple(cls_token.shape)
+        raise ValueError(f"visionzip keep_cls=True needs cls_token of shape {(B, d)}, got {got}")
+    dominant = _topk_first_index(sal, n_dom - int(keep_cls))
+    idx, feats = [dominant], [features.gather(1, dominant[..., None].expand(-1, -1, d))]
+    if keep_cls:
+        idx.insert(0, dominant.new_full((B, 1), -1))
+        feats.insert(0, cls_token.to(features.dtype)[:, None])
+    if n_ctx > 0:
+        if metric is None:
+            metric = features
+        elif tuple(metric.shape[:2]) != (B, N):
+            raise ValueError(f"metric shape {tuple(metric.shape)} must start with (B, N) = {(B, N)}")
+        else:
+            _check_finite("metric", metric)
+        metric = metric.to(features.dtype)
+        keep = torch.ones(B, N, dtype=torch.bool, device=features.device)
+        keep.scatter_(1, dominant, False)
+        rest = keep.nonzero()[:, 1].view(B, N - dominant.shape[1])  # remaining tokens, raster order
+        step = max(1, rest.shape[1] // n_ctx)
+        pos = torch.arange(0, rest.shape[1], step, device=features.device)[:n_ctx]
+        centres = rest[:, pos]  # [B, n_ctx]
+        others_mask = torch.ones(rest.shape[1], dtype=torch.bool, device=features.device)
+        others_mask[pos] = False
+        others = rest[:, others_mask]  # [B, R]
+        unit = F.normalize(metric, dim=-1, eps=1e-12)
+        sim = unit.gather(1, others[..., None].expand(-1, -1, unit.shape[-1])) @ unit.gather(
+            1, centres[..., None].expand(-1, -1, unit.shape[-1])
+        ).transpose(1, 2)  # [B, R, n_ctx]
+        assign = F.one_hot(sim.argmax(-1), n_ctx).to(features.dtype)  # [B, R, n_ctx]
+        counts = assign.sum(1).clamp(min=1).unsqueeze(-1)
+        other_feats = features.gather(1, others[..., None].expand(-1, -1, d))
+        merged = assign.transpose(1, 2) @ other_feats / counts
+        idx.append(centres)
+        feats.append(features.gather(1, centres[..., None].expand(-1, -1, d)) + merged)
+    idx, feats = torch.cat(idx, 1), torch.cat(feats, 1)
+    if order == "official":
+        return Pruned(idx, feats, n_ctx)
+    perm = idx.argsort(-1)
+    return Pruned(idx.gather(1, perm), feats.gather(1, perm[..., None].expand(-1, -1, d)))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -651,19 +663,21 @@ def prune(
     feats, sal, unbatched = _prepare(features, saliency, budget)
     if sal is None and record.needs_saliency(options):
         raise ValueError(f"method={record.name!r} needs a saliency tensor (CLS attention), got saliency=None")
-    metric = options.get("metric")
-    if isinstance(metric, torch.Tensor) and metric.dim() == 2:
-        options["metric"] = metric.unsqueeze(0)
+    for name, dims in (("metric", 2), ("cls_token", 1)):  # unbatched tensors of an unbatched call
+        value = options.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() == dims:
+            options[name] = value.unsqueeze(0)
     out = record.function(feats, sal, int(budget), **options)
+    appended = 0
     if isinstance(out, Pruned):
-        idx, kept = out.indices, out.features.to(features.dtype)
+        idx, kept, appended = out.indices, out.features.to(features.dtype), out.n_appended
     else:
         idx = out
         src = features.unsqueeze(0) if unbatched else features
         kept = src.gather(1, idx[..., None].expand(-1, -1, src.shape[-1]))
     if unbatched:
-        return Pruned(idx[0], kept[0])
-    return Pruned(idx, kept)
+        return Pruned(idx[0], kept[0], appended)
+    return Pruned(idx, kept, appended)
 
 
 def select(

@@ -270,11 +270,15 @@ def _evaluate_task(
 def _add_equivalent_tokens(
     entry: dict, model: Any, method: str | None, budget: int | None, options: dict
 ) -> None:
-    """In-LLM methods (FastV, PDrop) feed the LLM every visual token and drop them inside it: also record the
-    layer-averaged visual-token count they amount to, the number the paper compares across methods."""
+    """Record the visual tokens per LLM layer, averaged over the layers (the number the paper compares across
+    methods): the tokens entering the LLM for the unpruned model and pre-LLM methods; for in-LLM methods
+    (FastV, PDrop), which feed the LLM every visual token and drop them inside it, their schedule's mean."""
     from scope.patch import equivalent_tokens
 
-    if method is None or get_method(method).stage != IN_LLM or entry.get("mean_kept_tokens") is None:
+    if entry.get("mean_kept_tokens") is None:
+        return
+    if method is None or get_method(method).stage != IN_LLM:
+        entry["equivalent_tokens"] = entry["mean_kept_tokens"]
         return
     cfg = getattr(model.config, "text_config", model.config)
     n_visual = round(entry["mean_kept_tokens"])

@@ -11,7 +11,9 @@ token pays to the image tokens:
   the last instruction token's attention in the *first layer of the next stage*, computed on that layer's
   input. Positions are renumbered compactly after each drop, as the reference does. ``budget`` (if not
   None) sets the count after the first drop; later stages keep ``int(budget * ratio ** s)``; with
-  ``budget=None`` stage s keeps ``int(N * ratio ** s)`` as in the paper.
+  ``budget=None`` stage s keeps ``int(N * ratio ** s)`` as in the paper. ``stages=[(layer, keep), ...]``
+  sets drop layers and absolute counts directly, as the SCOPE authors ran PDrop† (e.g. LLaVA-1.5 at 64:
+  layers 2 / 6 / 16 keeping 66 / 30 / 17, about 64 visual tokens per layer on average).
 
 How it runs inside transformers 5.x without giving up SDPA:
 
@@ -79,9 +81,26 @@ def fastv_plan(budget: int | None, num_layers: int, layer: int = 2) -> list[Stag
     return [Stage(layer, layer - 1, lambda n: min(n, budget))]
 
 
-def pdrop_plan(budget: int | None, num_layers: int, layers=None, ratio: float = 0.5) -> list[Stage]:
+def pdrop_plan(
+    budget: int | None, num_layers: int, layers=None, ratio: float = 0.5, stages=None
+) -> list[Stage]:
     """PDrop: drops at ``layers`` (default 8/16/24 of 32, scaled to the depth), each ranked by its own layer;
-    stage s keeps ``int(budget * ratio ** s)`` (``budget=None``: ``int(N * ratio ** (s + 1))``)."""
+    stage s keeps ``int(budget * ratio ** s)`` (``budget=None``: ``int(N * ratio ** (s + 1))``).
+
+    ``stages=[(layer, keep), ...]`` gives the drop layers and the visual tokens kept from each on instead
+    (the authors' PDrop† settings, :data:`scope.methods.PDROP_PRESETS`); ``budget`` then only names the
+    run, and ``layers`` / ``ratio`` must be left at their defaults.
+    """
+    if stages is not None:
+        if layers is not None or ratio != 0.5:
+            raise ValueError(
+                f"pdrop takes stages or layers / ratio, not both (stages={stages!r}, layers={layers!r}, "
+                f"ratio={ratio!r})"
+            )
+        pairs = [(int(b), int(k)) for b, k in stages]
+        if pairs[-1][0] >= num_layers:
+            raise ValueError(f"pdrop stage layers must be in [1, {num_layers - 1}], got stages={stages!r}")
+        return [Stage(b, b, lambda n, k=k: min(n, k)) for b, k in pairs]
     if layers is None:
         layers = sorted({max(1, round(num_layers * x / 32)) for x in (8, 16, 24)})
     layers = list(layers)

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from scope.methods import NONE, get_method
-from scope.select import prune
+from scope.select import Pruned, prune
 
 from .cache import cached_vision_features
 from .state import PatchState, left_pack
@@ -79,23 +79,29 @@ def _encoder_layers(model):
 
 @torch.no_grad()
 def vision_features(
-    model, pixel_values: torch.Tensor, vision_feature_layer=None, vision_feature_select_strategy=None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    model,
+    pixel_values: torch.Tensor,
+    vision_feature_layer=None,
+    vision_feature_select_strategy=None,
+    with_cls: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Run the vision tower once and return ``(features, saliency, keys)`` for every image/crop.
 
     features ``[n, N, d]``: ``hidden_states[vision_feature_layer]`` (CLS dropped for strategy "default");
     saliency ``[n, N]``: softmax(q_cls k^T / sqrt(d_head)) of that layer summed over heads;
-    keys ``[n, N, d_head]``: that layer's attention keys averaged over heads (VisionZip's merge metric).
+    keys ``[n, N, d_head]``: that layer's attention keys averaged over heads (VisionZip's merge metric);
+    ``with_cls=True`` adds a fourth tensor, the CLS token's feature ``[n, d]`` of that layer.
     Inside :func:`scope.patch.reuse_vision_features` a batch of pixels seen before is not run again.
     """
     strategy = vision_feature_select_strategy or model.config.vision_feature_select_strategy
     layer, attn_layer = _feature_layer(model, vision_feature_layer)
-    return cached_vision_features(
+    out = cached_vision_features(
         model,
         pixel_values,
         (layer, strategy),
         lambda: _run_tower(model, pixel_values, layer, attn_layer, strategy),
     )
+    return out if with_cls else out[:3]
 
 
 def _run_tower(model, pixel_values, layer: int, attn_layer: int, strategy: str):
@@ -119,11 +125,12 @@ def _run_tower(model, pixel_values, layer: int, attn_layer: int, strategy: str):
     finally:
         handle.remove()
     feats, sal, keys = out.hidden_states[layer], got["saliency"], got["keys"]
+    cls = feats[:, 0]
     if strategy == "default":
         feats, sal, keys = feats[:, 1:], sal[:, 1:], keys[:, 1:]
     elif strategy != "full":
         raise ValueError(f"unknown vision_feature_select_strategy={strategy!r}")
-    return feats, sal, keys
+    return feats, sal, keys, cls
 
 
 def pixel_ids(pixel_values: torch.Tensor) -> list[int]:
@@ -134,28 +141,32 @@ def pixel_ids(pixel_values: torch.Tensor) -> list[int]:
 
 def select_rows(
     feats: torch.Tensor,
-    sal: torch.Tensor,
-    keys: torch.Tensor,
+    sal: torch.Tensor | None,
+    keys: torch.Tensor | None,
     budget: int,
     method: str,
     options: dict,
     pixels: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices ``[n, K]`` (ascending) and rows ``[n, K, d]`` that enter the projector, via ``scope.prune``.
+    cls: torch.Tensor | None = None,
+) -> Pruned:
+    """The kept rows of ``feats [n, N, d]`` via ``scope.prune``: :class:`scope.select.Pruned` (indices
+    ``[n, K]``, ascending unless the method's options order them otherwise, rows ``[n, K, d]``).
 
     A method whose record names a ``keys_option`` (VisionZip's merge metric) gets the tower's attention keys
-    there unless the caller set it; one whose record names a ``sample_ids_option`` (random) gets one id per
-    row from ``pixels`` (the rows' images or crops), so its draw depends on the image and not on the batch.
-    The ids are hashed only for such a method.
+    there unless the caller set it, one naming a ``cls_option`` the CLS features ``cls [n, d]``; one whose
+    record names a ``sample_ids_option`` (random) gets one id per row from ``pixels`` (the rows' images or
+    crops), so its draw depends on the image and not on the batch. The ids are hashed only for such a method.
     """
     n, N, _ = feats.shape
     record = get_method(method)
     if record.stage == NONE or budget >= N:
         idx = torch.arange(N, device=feats.device).expand(n, N)
-        return idx, feats
+        return Pruned(idx, feats)
     opts = dict(options)
     if record.keys_option is not None and opts.get(record.keys_option) is None:
         opts[record.keys_option] = keys
+    if record.cls_option is not None and opts.get(record.cls_option) is None:
+        opts[record.cls_option] = cls
     if (
         record.sample_ids_option is not None
         and opts.get(record.sample_ids_option) is None
@@ -163,7 +174,7 @@ def select_rows(
     ):
         opts[record.sample_ids_option] = pixel_ids(pixels)
     out = prune(feats, sal, budget, method, **opts)
-    return out.indices, out.features.to(feats.dtype)
+    return out._replace(features=out.features.to(feats.dtype))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -229,12 +240,22 @@ def positions_from_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | N
 
 
 def pruned_image_features(model, state: PatchState, pixel_values, image_sizes=None, **vision_kw):
-    """Projected kept features, one ``[K_i, D]`` tensor per image, and the placeholder counts in/out."""
-    feats, sal, keys = vision_features(model, pixel_values, **vision_kw)
+    """Projected kept features, one ``[K_i, D]`` tensor per image, and the placeholder counts in/out.
+
+    A method that selects on the projector's output (its record's ``projected``, e.g. DivPrune with
+    ``feature_space="projected"`` as the authors run it) gets every token projected first and keeps rows of
+    that; the others select on the vision features and only the kept rows are projected.
+    """
+    feats, sal, keys, cls = vision_features(model, pixel_values, with_cls=True, **vision_kw)
     n_img, N, _ = feats.shape
     budget = N if state.budget is None else state.budget
-    idx, rows = select_rows(feats, sal, keys, budget, state.method, state.options, pixel_values)
-    projected = model.model.multi_modal_projector(rows)
+    projector = model.model.multi_modal_projector
+    on_projected = get_method(state.method).selects_projected(state.options)
+    if on_projected:
+        feats, cls = projector(feats), projector(cls)
+    out = select_rows(feats, sal, keys, budget, state.method, state.options, pixel_values, cls)
+    projected = out.features if on_projected else projector(out.features)
+    idx = out.indices
     state.last = {"tokens_per_image": [idx.shape[1]] * n_img, "indices": idx, "n_tokens": N}
     return list(projected), [N] * n_img, [idx.shape[1]] * n_img
 

@@ -10,7 +10,16 @@ version); each crop gives N = (image_size / patch_size)^2 tokens. As in the SCOP
   across crops, as LLaVA-NeXT lays them out), selected from the full grid: the letterbox padding that
   transformers' ``unpad_image`` removes is not removed (the reference does not unpad either);
 - no ``image_newline`` tokens, unless ``keep_newlines=True``: then one newline follows every stitched
-  grid row that kept at least one token (and one follows the base crop when an image has no grid).
+  grid row that kept at least one token (and one follows the base crop when an image has no grid);
+- rows that are not grid tokens go after the grid's, as the official VisionZip code feeds them: each grid
+  crop's kept CLS token (index -1), then each grid crop's appended rows (``Pruned.n_appended``: VisionZip's
+  contextual tokens with ``order="official"``); the base crop keeps its rows in the method's order.
+
+A method that selects on the projector's output (its record's ``projected``: DivPrune with
+``feature_space="projected"``) runs as the DivPrune authors' code does instead: every crop is projected
+and packed as the unpatched model packs it (base crop, unpadded grid, newline tokens), and one selection
+over that sequence keeps ``round(L * budget / (crops * N))`` of its ``L`` rows (the budget's share of the
+image's tokens applied to the packed length), in packed order.
 
 "Tokens" therefore means the embeddings that enter the LLM for the image: ``k * P`` (<= budget) by default,
 ``k * P + kept rows`` with ``keep_newlines``. ``model._scope.last["tokens_per_image"]`` records them.
@@ -20,6 +29,8 @@ Unpatched LLaVA-NeXT instead feeds ``N + unpadded grid + one newline per grid ro
 from __future__ import annotations
 
 import torch
+
+from scope.methods import get_method
 
 from .llava import select_rows, vision_features
 from .state import PatchState
@@ -70,10 +81,10 @@ def grid_order(idx: torch.Tensor, rows: int, cols: int, side: int) -> tuple[torc
     return perm, g_row.flatten()[perm]
 
 
-def _select_crops(feats, sal, keys, pixel_values, per_image, budget: int, method: str, options: dict) -> dict:
+def _select_crops(feats, sal, keys, cls, pixel_values, per_image, budget: int, method: str, options: dict):
     """Kept indices and rows of every crop of the images to prune: ``budget // crops`` per crop, selected on
     each crop alone, with one selection call per distinct per-crop budget (every image with the same number
-    of crops at once). Returns image index -> (indices ``[p, k]``, rows ``[p, k, d]``)."""
+    of crops at once). Returns image index -> :class:`scope.select.Pruned` (``[p, k]``, ``[p, k, d]``)."""
     n_tok = feats.shape[1]
     starts = [sum(per_image[:i]) for i in range(len(per_image))]
     groups: dict[int, list[int]] = {}
@@ -88,24 +99,30 @@ def _select_crops(feats, sal, keys, pixel_values, per_image, budget: int, method
     picked = {}
     for k, images in groups.items():
         crops = [c for i in images for c in range(starts[i], starts[i] + per_image[i])]
-        idx, rows = select_rows(
-            feats[crops], sal[crops], keys[crops], k, method, options, pixel_values[crops]
+        out = select_rows(
+            feats[crops], sal[crops], keys[crops], k, method, options, pixel_values[crops], cls[crops]
         )
         offset = 0
         for i in images:
-            picked[i] = (idx[offset : offset + per_image[i]], rows[offset : offset + per_image[i]])
+            span = slice(offset, offset + per_image[i])
+            picked[i] = out._replace(indices=out.indices[span], features=out.features[span])
             offset += per_image[i]
     return picked
 
 
-def _pruned_image(model, idx, rows, image_size, side: int):
-    """One image's projected kept tokens: the base crop's first, then the grid's in stitched raster order."""
-    proj = model.model.multi_modal_projector(rows)  # [p, k, D]
+def _pruned_image(model, picked, image_size, side: int):
+    """One image's projected kept tokens: the base crop's first, then the grid's in stitched raster order,
+    then the grid crops' CLS rows and appended rows (see the module's docstring)."""
+    proj = model.model.multi_modal_projector(picked.features)  # [p, k, D]
     if proj.shape[0] == 1:
         return proj[0]
     g_rows, g_cols = grid_shape(model, image_size)
-    perm, _ = grid_order(idx[1:], g_rows, g_cols, side)
-    return torch.cat([proj[0], proj[1:].reshape(-1, proj.shape[-1])[perm]])
+    body = proj.shape[1] - picked.n_appended
+    grid, idx, D = proj[1:, :body], picked.indices[1:, :body], proj.shape[-1]
+    spatial = idx[0] >= 0  # a kept CLS token (index -1) sits at the same row of every crop
+    perm, _ = grid_order(idx[:, spatial], g_rows, g_cols, side)
+    tail = [grid[:, ~spatial].reshape(-1, D), proj[1:, body:].reshape(-1, D)]
+    return torch.cat([proj[0], grid[:, spatial].reshape(-1, D)[perm], *tail])
 
 
 def _with_newlines(feat, idx, p: int, model, image_size, side: int, newline):
@@ -134,7 +151,7 @@ def pruned_image_features(model, state: PatchState, pixel_values, image_sizes, *
     per_image = crop_counts(model, image_sizes)
     if pixel_values.dim() == 5:
         pixel_values = torch.cat([pv[:p] for pv, p in zip(pixel_values, per_image)], dim=0)
-    feats, sal, keys = vision_features(model, pixel_values, **vision_kw)
+    feats, sal, keys, cls = vision_features(model, pixel_values, with_cls=True, **vision_kw)
     n_tok = feats.shape[1]
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
     if side * side != n_tok:
@@ -143,16 +160,24 @@ def pruned_image_features(model, state: PatchState, pixel_values, image_sizes, *
         )
     keep_newlines = bool(state.options.get("keep_newlines", False))
     options = {k: v for k, v in state.options.items() if k != "keep_newlines"}
+    counts_in = placeholder_counts(model, image_sizes, n_tok, strategy)
+    if get_method(state.method).selects_projected(options):
+        if keep_newlines:
+            raise ValueError("keep_newlines does not apply to a selection over the packed projected tokens")
+        return _select_packed(model, state, feats, per_image, image_sizes, strategy, options, counts_in)
     budget = state.budget
     newline = model.model.image_newline
     out, counts_out, kept_idx = [], [], []
     start = 0
-    picked = _select_crops(feats, sal, keys, pixel_values, per_image, budget, state.method, options)
+    picked = _select_crops(feats, sal, keys, cls, pixel_values, per_image, budget, state.method, options)
     for i, p in enumerate(per_image):
         if i in picked:
-            idx, rows = picked[i]
-            feat_i = _pruned_image(model, idx, rows, image_sizes[i], side)
+            feat_i, idx = _pruned_image(model, picked[i], image_sizes[i], side), picked[i].indices
             if keep_newlines:
+                if picked[i].n_appended or bool((idx < 0).any()):
+                    raise ValueError(
+                        "keep_newlines needs every kept row to be a grid token (no CLS, no appended rows)"
+                    )
                 feat_i = _with_newlines(feat_i, idx, p, model, image_sizes[i], side, newline)
         else:  # the budget covers every token: the model's own packing, as unpatched
             proj = model.model.multi_modal_projector(feats[start : start + p])
@@ -162,6 +187,27 @@ def pruned_image_features(model, state: PatchState, pixel_values, image_sizes, *
         out.append(feat_i)
         counts_out.append(feat_i.shape[0])
         kept_idx.append(idx)
-    counts_in = placeholder_counts(model, image_sizes, n_tok, strategy)
+    state.last = {"tokens_per_image": counts_out, "indices": kept_idx, "crops": per_image, "n_tokens": n_tok}
+    return out, counts_in, counts_out
+
+
+def _select_packed(model, state: PatchState, feats, per_image, image_sizes, strategy, options, counts_in):
+    """The DivPrune authors' LLaVA-NeXT selection: project every crop, pack the image as the model does
+    (unpadded grid, newline tokens), keep ``round(L * budget / (crops * N))`` of its ``L`` packed rows by one
+    selection over them; ``state.last["indices"]`` holds positions in the packed sequence."""
+    n_tok = feats.shape[1]
+    proj = model.model.multi_modal_projector(feats)
+    out, kept_idx, start = [], [], 0
+    for i, p in enumerate(per_image):
+        packed, _ = model.model.pack_image_features(
+            [proj[start : start + p]], image_sizes[i : i + 1], strategy, model.model.image_newline
+        )
+        rows = packed[0]
+        start += p
+        k = max(1, round(rows.shape[0] * state.budget / (p * n_tok)))  # select_rows keeps all when k >= L
+        kept = select_rows(rows[None], None, None, k, state.method, options)
+        out.append(kept.features[0])
+        kept_idx.append(kept.indices[0])
+    counts_out = [x.shape[0] for x in out]
     state.last = {"tokens_per_image": counts_out, "indices": kept_idx, "crops": per_image, "n_tokens": n_tok}
     return out, counts_in, counts_out
