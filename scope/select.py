@@ -647,11 +647,12 @@ def prune(
         budget: K, the number of tokens kept per sample (1 <= K <= N).
         method: a pre-LLM method of the registry (:data:`scope.METHODS`, :func:`scope.methods.names`).
         **options: the method's options (its record lists them with their defaults), e.g. ``alpha``,
-            ``combine`` ("mul"|"add"), ``impl`` ("fast"|"reference") for scope; ``seed`` for random.
+            ``combine`` ("mul"|"add"), ``impl`` ("fast"|"reference"), ``precision`` ("float32"|"float16")
+            for scope; ``seed`` for random; :func:`scope.methods.paper_options` gives the authors' settings.
 
     Returns:
-        :class:`Pruned` ``(indices [B, K] ascending, features [B, K, d])`` (unbatched in, unbatched out),
-        features in the input's dtype.
+        :class:`Pruned` ``(indices [B, K] ascending, features [B, K, d], n_appended)`` (unbatched in,
+        unbatched out), features in the input's dtype.
     """
     record = get_method(method)
     if record.stage != PRE_LLM:

@@ -214,6 +214,16 @@ def test_divprune_projected_on_llava_next_selects_over_the_packed_image():
         assert torch.equal(idx, idx.sort().values) and int(idx.max()) < n_placeholders
 
 
+def test_divprune_projected_is_counted_with_every_token_projected():
+    own = efficiency.prefill_flops("llava-1.5-7b", "divprune", 64)
+    official = efficiency.prefill_flops("llava-1.5-7b", "divprune", 64, feature_space="projected")
+    model = efficiency.meta_model("llava-1.5-7b")
+    assert own["projector_gflops"] * 1e9 == efficiency.projector_flops(model, 64)
+    assert official["projector_gflops"] * 1e9 == efficiency.projector_flops(model, 576)
+    # the cosine matrix of 4096-wide projected rows instead of 1024-wide CLIP rows
+    assert official["select_gflops"] > own["select_gflops"] and official["per_layer"] == own["per_layer"]
+
+
 # --------------------------------------------------------------------------------------------------------
 # float16 arithmetic
 

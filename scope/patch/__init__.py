@@ -41,7 +41,8 @@ Deviations from the reference code (kinredon/SCOPE, FastV, PyramidDrop), all del
    Kept tokens keep their original positions, as in the reference.
 7. PDrop: stage ends 8/16/24 are scaled to the LLM depth (``round(L * x / 32)``); ``budget`` (if given)
    is the count after the first drop and later stages multiply by ``ratio``; ``budget=None`` is the
-   reference's ``int(N * ratio ** s)``. Ranking as the reference (layer ``b``'s attention of the last
+   reference's ``int(N * ratio ** s)``; ``stages=[(layer, keep), ...]`` sets layers and counts as the
+   SCOPE authors ran PDrop† (:data:`scope.methods.PDROP_PRESETS`). Ranking as the reference (layer ``b``'s attention of the last
    prompt token on its pre-drop input, mean over heads), positions renumbered compactly after each drop.
    The reference's training-time query set (tokens before answers) is not implemented (inference only).
 8. In-LLM methods: an image is a contiguous run of ``<image>`` tokens (two images written back to back
@@ -155,9 +156,10 @@ def patch(model, method: str = "scope", budget: int | None = 64, **options: Any)
         budget: visual tokens per image entering the LLM (pre-LLM methods; LLaVA-NeXT splits it evenly
             over crops) or kept after the pruning layer (FastV / first PDrop stage; ``None`` for PDrop means
             the reference schedule ``ratio * N``).
-        **options: the method's options (``alpha``, ``combine``, ``seed``, ``n_contextual`` ...; FastV:
-            ``layer``; PDrop: ``layers``, ``ratio``); LLaVA-NeXT also takes ``keep_newlines``. Unknown or
-            invalid options raise here, and the model is left as it was.
+        **options: the method's options (``alpha``, ``combine``, ``precision``, ``seed``, ``n_contextual``,
+            ``order``, ``keep_cls``, ``feature_space`` ...; FastV: ``layer``; PDrop: ``layers``, ``ratio``,
+            ``stages``); LLaVA-NeXT also takes ``keep_newlines``. Unknown or invalid options raise here, and
+            the model is left as it was. :func:`scope.methods.paper_options` gives the authors' settings.
 
     Returns:
         a handle usable as a context manager (``with scope.patch(m, ...) as m:``); the model is patched

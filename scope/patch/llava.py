@@ -5,7 +5,8 @@ Flow of a patched call (``model(**inputs)`` or ``model.generate(**inputs)``)::
     pixel_values -> vision tower, a pre-hook on layer L's attention recomputes the CLS row
                  -> features F = hidden_states[vision_feature_layer] (CLS dropped), saliency a [n_img, N]
                  -> scope.prune(F, a, budget, method)      kept rows in raster order (VisionZip: merged rows)
-                 -> multi_modal_projector(kept rows)       only K rows are projected
+                 -> multi_modal_projector(kept rows)       only K rows are projected (a method selecting on
+                                                           the projector's output: all N, before prune)
                  -> each image's N <image> placeholders collapsed to K in input_ids / attention_mask
                  -> original forward/generate with mm_encoder_outputs={"image": ...}: the LLM (SDPA) sees K
 
