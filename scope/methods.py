@@ -430,3 +430,8 @@ def describe(methods: Iterable[str] | None = None) -> list[dict[str, Any]]:
         }
         for m in (get_method(n) for n in (methods if methods is not None else METHODS))
     ]
+
+
+def paper_options(method: str, budget: int | None, family: str) -> dict:
+    """The options that reproduce the authors' settings of ``method`` on ``family`` ("llava", "llava_next")."""
+    return {}  # replaced by the baselines branch
