@@ -190,9 +190,7 @@ def applied(processor: Any, model: Any = None, protocol: str | Protocol = HF) ->
     p = get_protocol(protocol)
     targets = [_image_processor(processor), getattr(model, "config", None)]
     targets = [
-        t
-        for t in targets
-        if getattr(t, "image_grid_pinpoints", None) is not None and id(t) not in _SWAPPED
+        t for t in targets if getattr(t, "image_grid_pinpoints", None) is not None and id(t) not in _SWAPPED
     ]
     if not p.width_height_pinpoints or not targets:
         yield

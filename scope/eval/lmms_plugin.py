@@ -196,7 +196,9 @@ class ScopeLlava(lmms):
         from scope.patch import check, patch, unpatch
 
         if protocol is not None and str(protocol).strip().lower() not in PROTOCOLS:
-            raise ValueError(f"scope_llava: protocol={protocol!r} is unknown; choose from {sorted(PROTOCOLS)}")
+            raise ValueError(
+                f"scope_llava: protocol={protocol!r} is unknown; choose from {sorted(PROTOCOLS)}"
+            )
         load_kw, options = split_model_args(kwargs)
         budget = _budget(budget)
         with _explained(method):  # an unknown method or option fails before the checkpoint loads
@@ -259,7 +261,9 @@ class ScopeLlava(lmms):
         out: list[str] = []
         for start in range(0, len(requests), self.batch_size):
             chunk = [r.args for r in requests[start : start + self.batch_size]]
-            visuals = [self._visuals(dv, self.task_dict[task][split][i], task) for _, _, dv, i, task, split in chunk]
+            visuals = [
+                self._visuals(dv, self.task_dict[task][split][i], task) for _, _, dv, i, task, split in chunk
+            ]
             p = self.protocol
             prompts = [build_prompt(self.processor, ctx, len(v), p) for (ctx, *_), v in zip(chunk, visuals)]
             gen = chunk[0][1] or {}

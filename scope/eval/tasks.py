@@ -141,7 +141,9 @@ def load_hub_dataset(path: str, name: str | None, split: str, data_dir: str | No
         try:
             return read_dataset(source, config, split)
         except Exception as err:  # noqa: BLE001 -- datasets raises many types for "not reachable / not cached"
-            tried.append(f"  {source} (config {config!r}): {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            tried.append(
+                f"  {source} (config {config!r}): {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            )
     offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
     raise RuntimeError(
         f"could not load the benchmark dataset {path!r} (config {name!r}, split {split!r}); tried:\n"
