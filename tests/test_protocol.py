@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-import scope.eval.tasks as tasks_module
+import scope.eval.sources as sources_module
 from scope.eval import evaluate, get_task
 from scope.eval.fixtures import FIXTURES, fixture
 from scope.protocol import HF, PAPER, applied, build_prompt, prepare_images, resolve_protocol
@@ -247,7 +247,7 @@ def test_dataset_sources_in_order_and_named_on_failure(monkeypatch, tmp_path):
         calls.append((source, name))
         raise ConnectionError("unreachable")
 
-    monkeypatch.setattr(tasks_module, "read_dataset", fail)
+    monkeypatch.setattr(sources_module, "read_dataset", fail)
     monkeypatch.delenv("SCOPE_DATASETS_DIR", raising=False)
     with pytest.raises(RuntimeError) as err:
         get_task("gqa").load(limit=1)
@@ -273,7 +273,7 @@ def test_dataset_sources_in_order_and_named_on_failure(monkeypatch, tmp_path):
         return fixture("pope")
 
     calls.clear()
-    monkeypatch.setattr(tasks_module, "read_dataset", second_works)
+    monkeypatch.setattr(sources_module, "read_dataset", second_works)
     assert len(get_task("pope").load(limit=2)) == 2 and calls[-1][0] == "lmms-lab-encoder/POPE"
 
 

@@ -7,7 +7,7 @@ records the runner logs, so a result directory can always be re-scored (and boot
 Real benchmarks come from the lmms-lab datasets on the Hugging Face hub, in the same schemas, splits and
 prompts as lmms-eval's tasks of the same name. lmms-eval moved them from ``lmms-lab/<name>`` to
 ``lmms-lab-encoder/<name>``: both are tried, in that order, after any local copy under ``data_dir`` (or
-``$SCOPE_DATASETS_DIR``; :func:`dataset_sources`). Nothing is downloaded unless such a task is requested; when
+``$SCOPE_DATASETS_DIR``; :mod:`scope.eval.sources`). Nothing is downloaded unless such a task is requested; when
 no source loads, the error names every one tried. Tests pass small in-memory datasets in those schemas.
 
 ``Task.authors`` holds what the SCOPE authors' copy of lmms-eval sets differently (TextVQA's OCR tokens, the
@@ -30,15 +30,14 @@ Where the scoring differs from lmms-eval (all documented in the functions of :mo
 from __future__ import annotations
 
 import ast
-import os
 import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import scope.eval.metrics as M
+from scope.eval.sources import load_hub_dataset
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 OPTION_LETTER = "\nAnswer with the option's letter from the given choices directly."
@@ -90,74 +89,6 @@ class Task:
         """This task as ``protocol`` runs it: with :attr:`authors` applied when the protocol asks for the
         authors' settings (``protocol.authors``, :mod:`scope.protocol`), else unchanged."""
         return replace(self, **self.authors) if getattr(protocol, "authors", False) and self.authors else self
-
-
-HUB_ORGS = ("lmms-lab", "lmms-lab-encoder")  # where lmms-eval's image datasets live, older first
-DATASETS_DIR_ENV = "SCOPE_DATASETS_DIR"  # default folder of local benchmark copies
-
-
-def dataset_sources(path: str, name: str | None, data_dir: str | None = None) -> list[tuple[str, str | None]]:
-    """Where a benchmark is looked for, in order, as (source, config name) pairs.
-
-    Local copies first, under ``data_dir`` (default ``$SCOPE_DATASETS_DIR``): ``<dir>/<repo>/<config>`` (a
-    folder of that config alone), ``<dir>/<repo>`` and ``<dir>/<org>/<repo>`` for every org of
-    :data:`HUB_ORGS`; each may be a ``save_to_disk`` folder or files ``datasets.load_dataset`` reads (a hub
-    snapshot, parquet). Then the hub ids ``<org>/<repo>``, ``lmms-lab`` first.
-    """
-    repo = path.split("/")[-1]
-    out: list[tuple[str, str | None]] = []
-    root = data_dir or os.environ.get(DATASETS_DIR_ENV)
-    if root:
-        base = Path(root).expanduser()
-        if name:
-            out.append((str(base / repo / name), None))
-        out.append((str(base / repo), name))
-        out += [(str(base / org / repo), name) for org in HUB_ORGS]
-    out += [(f"{org}/{repo}", name) for org in HUB_ORGS]
-    return out
-
-
-def read_dataset(source: str, name: str | None, split: str):
-    """One source of :func:`dataset_sources`: a local folder (``load_from_disk`` output, or files) or a hub
-    id. Raises what ``datasets`` raises (FileNotFoundError for a missing local folder)."""
-    import datasets
-
-    path = Path(source).expanduser()
-    if source.startswith((".", "/", "~")) or path.exists():
-        if not path.is_dir():
-            raise FileNotFoundError(f"no folder {path}")
-        if any((path / f).exists() for f in ("dataset_dict.json", "state.json", "dataset_info.json")):
-            ds = datasets.load_from_disk(str(path))
-            return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-        return datasets.load_dataset(str(path), name, split=split)
-    return datasets.load_dataset(source, name, split=split)
-
-
-def load_hub_dataset(path: str, name: str | None, split: str, data_dir: str | None = None):
-    """The first of :func:`dataset_sources` that loads; a RuntimeError naming every source tried (and why
-    each failed) when none does."""
-    tried = []
-    for source, config in dataset_sources(path, name, data_dir):
-        try:
-            return read_dataset(source, config, split)
-        except Exception as err:  # noqa: BLE001 -- datasets raises many types for "not reachable / not cached"
-            tried.append(
-                f"  {source} (config {config!r}): {type(err).__name__}: {str(err).splitlines()[0][:200]}"
-            )
-    offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
-    raise RuntimeError(
-        f"could not load the benchmark dataset {path!r} (config {name!r}, split {split!r}); tried:\n"
-        + "\n".join(tried)
-        + "\n"
-        + (
-            "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set and the dataset is not in the local cache. "
-            if offline
-            else ""
-        )
-        + "Download it once on a machine with network access (datasets.load_dataset(...) fills "
-        f"~/.cache/huggingface), point --datasets-dir / ${DATASETS_DIR_ENV} at a local copy, or pass an "
-        "already loaded dataset: evaluate(..., datasets={'<task>': ds})."
-    )
 
 
 def prepare(task: Task, ds, limit: int | None, data_dir: str | None = None):
