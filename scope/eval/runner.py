@@ -112,28 +112,23 @@ def evaluate(
 
     Args:
         model, processor: a transformers LLaVA / LLaVA-NeXT model and its processor (e.g. from scope.load()).
-        tasks: names (list or comma-separated): "synthbench", "gqa", "mmbench_en_dev", "mme", "pope",
-            "scienceqa_img", "textvqa_val", "seedbench", "mmmu_val".
+        tasks: names of :data:`scope.eval.tasks.TASKS` (list or comma-separated), e.g. "synthbench,pope".
         method, budget, options: pruning for this run. The model is patched with
             ``scope.patch(model, method, budget, **options)`` for the run and unpatched afterwards; "none"
             evaluates the unpruned model; None evaluates the model as it is (and records it as given).
         limit: first ``limit`` questions of every task (SynthBench: a family-balanced prefix).
-        batch_size: prompts per generate() call (left padding).
-        max_new_tokens: generation length (default: the task's, 16 for short answers, 128 for MMMU).
-        seed: torch seed (and SynthBench's) for reproducibility; decoding is greedy.
-        protocol: "paper" or "hf" (:mod:`scope.protocol`); default: the one ``scope.load`` put on the
-            processor, else "paper" for a real checkpoint and "hf" for the embedded ones. Under "paper" the
-            method options are the authors' settings updated with ``options``; config.json records them.
-        datasets: {task name: dataset} to use instead of loading (offline fixtures, local copies).
-        data_dir: folder of local benchmark copies tried before the hub (default ``$SCOPE_DATASETS_DIR``).
+        batch_size, max_new_tokens: prompts per generate() call (left padding); generation length (default:
+            the task's). seed: torch seed (and SynthBench's) for reproducibility; decoding is greedy.
+        protocol: "paper" or "hf" (:func:`run_protocol`); under "paper" ``options`` update the authors'.
+        datasets, data_dir: {task name: dataset} used instead of loading (offline fixtures); local benchmark
+            copies tried before the hub (:mod:`scope.eval.sources`).
         task_kwargs: {task name: kwargs for its loader}, e.g. {"synthbench": {"image_size": 384}}.
         overwrite: delete the run in out_dir (logs, results, config) and start afresh. Without it, a run
             already there resumes only if every field of :data:`IDENTITY` agrees (else ValueError).
         rank, world_size: simulate one process of a multi-process run (default: accelerate's PartialState).
 
     Arguments are checked before anything is written; a second process on the same out_dir is refused
-    (:class:`scope.eval.rundir.RunLock`). Returns the dict written to results.json (complete on the main
-    process only).
+    (:class:`scope.eval.rundir.RunLock`). Returns results.json's dict (complete on the main process only).
     """
     _check_sizes(batch_size, max_new_tokens)
     task_list = parse_tasks(tasks)
@@ -141,16 +136,13 @@ def evaluate(
     out_dir = Path(out_dir)
     rank, world_size, state = _dist(rank, world_size)
     is_main = rank == 0
-
-    patched = getattr(model, "__dict__", {}).get("_scope")
-    if method is None and patched is not None:  # record what the model was patched with (e.g. by scope.load)
-        method, budget, options = patched.method, patched.budget, dict(patched.options)
+    method, budget, options = _given_pruning(model, method, budget, options)
     proto = run_protocol(model, processor, model_id, protocol)
-    options = run_options(proto, method, budget, model, options)
+    options = run_options(proto, method, budget, model, options)  # what config.json records
     _check_pruning(model, method, budget, options)  # before anything is written
     config = run_config(model, model_id, method, budget, options, limit, seed, max_new_tokens, task_kwargs)
     config.update(tasks=[t.name for t in task_list], batch_size=batch_size, world_size=world_size)
-    config.update(protocol=proto.name, data_dir=data_dir)
+    config.update(protocol=proto.name, data_dir=data_dir)  # protocol: part of IDENTITY
     lock = RunLock(out_dir) if is_main else None
     # the main process takes the directory; a refusal (another run there, another process on it) is
     # raised on every rank, not on the main one alone while the others wait at a barrier
@@ -172,6 +164,15 @@ def evaluate(
         if is_main:
             _write_results(out_dir / "results.json", results)
     return results
+
+
+def _given_pruning(model: Any, method: str | None, budget: int | None, options: dict | None):
+    """(method, budget, options) of the run: as given, or with no method what the model was patched with
+    (e.g. by scope.load), so that config.json records it."""
+    patched = getattr(model, "__dict__", {}).get("_scope")
+    if method is None and patched is not None:
+        return patched.method, patched.budget, dict(patched.options)
+    return method, budget, options
 
 
 def run_protocol(model: Any, processor: Any, model_id: str | None, protocol: str | None) -> Protocol:
