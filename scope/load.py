@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-__all__ = ["load", "hub_reachable", "resolve_device", "resolve_dtype"]
+__all__ = ["load", "load_processor", "hub_reachable", "resolve_device", "resolve_dtype"]
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -133,6 +133,7 @@ def load(
     *,
     device: str | None = "auto",
     dtype: str | Any = None,
+    protocol: str | None = None,
     **from_pretrained_kwargs: Any,
 ):
     """Load a LLaVA or LLaVA-NeXT checkpoint and its processor; patch it when ``method`` is given.
@@ -146,6 +147,10 @@ def load(
             the model where ``from_pretrained`` put it (also what happens with a ``device_map``).
         dtype: "float16", "bfloat16", "float32" or a torch dtype; None: the embedded checkpoints load in
             float32 (their answers then do not depend on the CPU's bf16 kernels), others in their stored dtype.
+        protocol: "paper" or "hf" (:mod:`scope.protocol`); default "paper" for real checkpoints, "hf" for
+            the embedded ones. Recorded on the processor (``processor.scope_protocol``), which
+            :func:`scope.eval.evaluate` follows; under "paper" ``method`` gets the authors' settings
+            (:func:`scope.methods.paper_options`).
         **from_pretrained_kwargs: passed to ``from_pretrained`` of the model (e.g. ``device_map``,
             ``revision``, ``attn_implementation``).
 
@@ -166,7 +171,11 @@ def load(
     dtype = _dtype(dtype, kwargs, _embedded(source))
     if dtype is not None:
         kwargs["dtype"] = dtype
+    from scope.protocol import resolve_protocol, run_options
+
+    proto = resolve_protocol(None if model_id_or_path is None else source, protocol)
     model, processor = _from_files(source, kwargs)
+    processor.scope_protocol = proto.name
     model.eval()
     if target is not None:
         model.to(target)
@@ -177,8 +186,31 @@ def load(
         record = get_method(method)
         if budget is None and record.stage != NONE and not record.budget_optional:
             budget = 64
-        patch(model, method=method, budget=budget)
+        patch(model, method=method, budget=budget, **run_options(proto, method, budget, model))
     return model, processor
+
+
+def load_processor(model_id_or_path: str | os.PathLike | None = None, **kwargs: Any):
+    """The processor of a checkpoint alone (no weights): from a local folder, the local Hugging Face cache,
+    or the hub when reachable; None is the embedded MiniLLaVA. Its ``scope_protocol`` is the checkpoint's
+    default protocol. Raises as :func:`load` does when the files cannot be found."""
+    from transformers import AutoProcessor
+
+    from scope.protocol import resolve_protocol
+
+    source = _resolve(model_id_or_path, kwargs)
+    local_only = _offline() or bool(kwargs.pop("local_files_only", False)) or Path(source).exists()
+    if not local_only and not hub_reachable():
+        local_only = True
+    try:
+        processor = AutoProcessor.from_pretrained(source, local_files_only=local_only, **kwargs)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"could not load the processor of {source!r}: {err}. Its processor and tokenizer files (a few MB, "
+            f"no weights) must be local: `huggingface-cli download {source} --exclude '*.safetensors'`."
+        ) from err
+    processor.scope_protocol = resolve_protocol(None if model_id_or_path is None else source).name
+    return processor
 
 
 def resolve_device(device: str | None):

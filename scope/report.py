@@ -82,6 +82,8 @@ def column_name(task: str, metric: str) -> str:
     :data:`OVERALL`, else "<header> <metric>"."""
     t = get_task(task)
     header = t.paper_column or t.name
+    if metric in t.metric_columns:  # e.g. SEED's seed_image -> SEED-I
+        return t.metric_columns[metric]
     if t.name == FAMILY_TASK:
         family, _, rest = metric.partition("/")
         if metric == t.main:
@@ -197,7 +199,7 @@ def _metric_names(task: str, result: dict, metrics: str | Sequence[str]) -> list
     reported = result.get("metrics", {})
     if metrics == "columns":
         if get_task(task).name != FAMILY_TASK:
-            return [result["main"]]
+            return [result["main"], *(m for m in get_task(task).metric_columns if m in reported)]
         families = [f"{f}/accuracy" for f in FAMILY_COLUMNS if f"{f}/accuracy" in reported]
         return families + [result["main"]]
     if metrics == "main":
@@ -269,6 +271,7 @@ def results_long(
                 row = {
                     "run": d.name,
                     "model": cfg.get("model"),
+                    "protocol": cfg.get("protocol", "hf"),  # runs before protocols: the checkpoint's own
                     "method": UNPRUNED if unpruned else method_name(cfg["method"]),
                     "budget": budget,
                     "options": json_options(cfg.get("options")),
@@ -286,7 +289,9 @@ def results_long(
                 rows.append(row)
     if not rows:
         raise ValueError(f"paths={list(map(str, paths))} hold no finished runs (results.json)")
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    out.attrs["protocol"] = ", ".join(sorted(set(out["protocol"])))  # save_table names it
+    return out
 
 
 def _equivalent_tokens(res: dict, cfg: dict) -> float | None:
@@ -373,6 +378,9 @@ def paper_layout(
     if long.empty:
         raise ValueError("long has no rows to tabulate")
     long = _with_model(long)
+    protocols = sorted(set(long["protocol"])) if "protocol" in long.columns else []
+    if len(protocols) > 1:
+        raise ValueError(f"long mixes runs of protocols {protocols}; tabulate one protocol at a time")
     if long["budget"].isna().any():  # a pruned run without a budget (e.g. PDrop's own ratio schedule)
         long = long.assign(budget=long["budget"].astype(object).where(long["budget"].notna(), "all"))
     columns = list(dict.fromkeys(long["column"]))
@@ -402,6 +410,7 @@ def paper_layout(
     lead = [c for c in ["model", "budget", "method", "options", "kind"] if c in out.columns]
     out = out[lead + [c for c in out.columns if c not in lead]].reset_index(drop=True)
     out.columns.name = None
+    out.attrs["protocol"] = protocols[0] if protocols else long.attrs.get("protocol")
     return out
 
 
@@ -415,7 +424,9 @@ def compare_to_paper(ours: pd.DataFrame, name: str = "table1") -> pd.DataFrame:
     ours.insert(0, "source", "ours")
     shared = [c for c in paper.columns if c in ours.columns]
     extra = [c for c in ours.columns if c not in shared and c.endswith((" lo", " hi")) and c[:-3] in shared]
-    return pd.concat([paper[shared], ours[shared + extra]], ignore_index=True)
+    out = pd.concat([paper[shared], ours[shared + extra]], ignore_index=True)
+    out.attrs = dict(ours.attrs)  # the protocol of our rows (save_table names it)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -555,7 +566,8 @@ def save_table(
 ) -> list[Path]:
     """Write ``<name>.csv`` and ``<name>.md`` (title, table as :func:`to_markdown`, ``Source:`` line).
 
-    ``source`` says what produced the table, e.g. "MiniLLaVA (data/minillava), SynthBench test, 200 images".
+    ``source`` says what produced the table, e.g. "MiniLLaVA (data/minillava), SynthBench test, 200 images";
+    a table made from runs (:func:`results_long`, :func:`paper_layout`) adds the runs' protocol to it.
     The CSV keeps 6 significant digits: enough for any comparison the notebooks make, and it leaves out the
     float32 noise (~1e-7 relative) that otherwise changes the committed CSVs from one host to another.
     """
@@ -565,6 +577,8 @@ def save_table(
     out = output_dir(figures_dir)
     csv, md = out / f"{name}.csv", out / f"{name}.md"
     df.to_csv(csv, index=False, float_format=CSV_FLOAT_FORMAT)
+    protocol = df.attrs.get("protocol")
+    source = f"{source}; protocol: {protocol}" if protocol else source
     source = f"{source}; environment: {lock.label()}"
     text = ([f"**{title}**", ""] if title else []) + [to_markdown(df, floatfmt), "", f"Source: {source}", ""]
     md.write_text("\n".join(text))

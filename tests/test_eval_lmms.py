@@ -176,11 +176,52 @@ def test_option_checks_leave_a_given_model_unpatched(plugin):
         plugin.ScopeLlava(model=model, processor=proc, revision="main")
 
 
-def test_protocol_hf_only(plugin, fake_load):
-    assert plugin.ScopeLlava(method="none", protocol="hf").method == "none"
-    with pytest.raises(ValueError, match=r"protocol='vllm' is not implemented yet"):
+def test_protocols_paper_and_hf(plugin, fake_load):
+    assert plugin.ScopeLlava(method="none", protocol="hf").protocol.name == "hf"
+    assert plugin.ScopeLlava(method="none", protocol="paper").protocol.name == "paper"
+    # defaults: a real checkpoint gets the paper's protocol, the embedded model (pretrained unset) its own
+    assert plugin.ScopeLlava(pretrained="some/llava", method="none").protocol.name == "paper"
+    assert plugin.ScopeLlava(method="none").protocol.name == "hf"
+    with pytest.raises(ValueError, match=r"protocol='vllm' is unknown; choose from \['hf', 'paper'\]"):
         plugin.ScopeLlava(method="none", protocol="vllm")
-    assert len(fake_load) == 1
+
+
+def test_paper_protocol_requests(plugin, monkeypatch):
+    """Under protocol=paper the plugin sends the vicuna_v1 prompt, square-padded images, and a SEED video
+    question's first frame only."""
+    from PIL import Image
+
+    from scope.testing import tiny_llava
+
+    model, proc = tiny_llava(seed=0)
+    lm = plugin.ScopeLlava(model=model, processor=proc, method="none", protocol="paper", batch_size=2)
+    seen = {}
+
+    def fake_generate(model, processor, prompts, images, max_new_tokens):
+        seen.update(prompts=prompts, images=images)
+        return ["A"] * len(prompts), [None] * len(prompts)
+
+    monkeypatch.setattr(plugin, "generate_answers", fake_generate)
+    wide = Image.new("RGB", (40, 20), (255, 0, 0))
+    frames = [Image.new("RGB", (16, 16), (0, 0, 255)), Image.new("RGB", (16, 16), (0, 255, 0))]
+    lm.task_dict = {
+        "seedbench": {
+            "test": [{"data_type": "image", "image": [wide]}, {"data_type": "video", "image": frames}]
+        }
+    }
+    gen = {"max_new_tokens": 2, "until": ["ASSISTANT:"]}
+    reqs = [
+        types.SimpleNamespace(args=("Q?", gen, lambda d: list(d["image"]), i, "seedbench", "test"))
+        for i in range(2)
+    ]
+    assert lm.generate_until(reqs) == ["A", "A"]
+    assert seen["prompts"][0] == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the user's questions. USER: <image>\nQ? ASSISTANT:"
+    )
+    padded, video = seen["images"]
+    assert padded[0].size == (40, 40) and padded[0].getpixel((0, 0)) == (122, 116, 104)  # CLIP mean x 255
+    assert len(video) == 1 and video[0].getpixel((0, 0)) == (0, 0, 255)  # the first frame alone
 
 
 def test_batch_size_auto(plugin, fake_load):

@@ -224,8 +224,13 @@ def test_mmbench_circular_and_prompt():
 def test_sqa_seed_textvqa_gqa_mmmu_tasks():
     task, docs, _, m = _score_all("scienceqa_img", ["B", "B"])
     assert m["accuracy"] == 50.0 and task.prompt(docs[1]).startswith("Context: A girl moves a box.\n")
-    task, docs, _, m = _score_all("seedbench", ["A", "B"])
-    assert len(docs) == 2 and m["accuracy"] == 50.0  # the video row is filtered out
+    task, docs, _, m = _score_all("seedbench", ["A", "B", "B"])
+    # every question is kept: image rows A (right) and B for C (wrong); the video row B (right)
+    assert len(docs) == 3 and m == {
+        "seed_all": pytest.approx(200 / 3),
+        "seed_image": 50.0,
+        "seed_video": 100.0,
+    }
     task, docs, _, m = _score_all("textvqa_val", ["nokia", "Ten"])
     # q2: 'Ten' -> '10' matches 'ten', '10' and '10.' (3 of 10; '1o' does not) -> 0.9
     assert m["accuracy"] == pytest.approx(100 * (1.0 + 0.9) / 2)

@@ -8,6 +8,14 @@ Examples::
         --tasks gqa,mmbench_en_dev,mme,pope,scienceqa_img,textvqa_val,seedbench --batch-size 16 \\
         --dtype float16 --out results/llava15-scope-64
     python -m scope.eval --rescore results/llava15-scope-64       # re-aggregate from the JSONL logs
+    python -m scope.eval --model llava-hf/llava-1.5-7b-hf --tasks textvqa,seedbench --show-prompts --limit 2
+    python -m scope.eval --tasks pope,seedbench --fixtures --method scope --budget 8   # offline fixture data
+
+``--protocol paper`` (the default for real checkpoints) reproduces the authors' preprocessing, conversation
+and task settings, ``--protocol hf`` keeps the checkpoint's own processor and chat template
+(:mod:`scope.protocol`); the embedded models default to ``hf``. ``--show-prompts`` prints what the model
+would receive for the first ``--limit`` questions (default 3) of each task, from the processor alone (no
+weights are loaded).
 
 With one method and one budget ``--out`` is the run directory; with several, ``--out`` holds one run
 directory per combination (``<method>-<budget>``, plus ``none`` for the unpruned model).
@@ -35,6 +43,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="e.g. float16, bfloat16 (default: the checkpoint's)")
+    p.add_argument(
+        "--protocol",
+        default=None,
+        choices=["paper", "hf"],
+        help="inputs as the paper's runs or as the checkpoint's processor (default: paper for real "
+        "checkpoints, hf for the embedded ones)",
+    )
+    p.add_argument(
+        "--show-prompts", action="store_true", help="print the model's inputs for the first --limit questions"
+    )
+    p.add_argument("--fixtures", action="store_true", help="use the small offline fixture datasets")
+    p.add_argument(
+        "--datasets-dir",
+        default=None,
+        help="folder of local benchmark copies, tried before the hub (default: $SCOPE_DATASETS_DIR)",
+    )
     p.add_argument("--out", default=None, help="run directory (default: results/<model>-<method>-<budget>)")
     p.add_argument("--no-unpruned", action="store_true", help="in a sweep, skip the unpruned run")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
@@ -70,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--option {kv!r} must look like KEY=VALUE")
         k, v = kv.split("=", 1)
         options[k.strip()] = json_value(v.strip())
-
+    datasets = fixture_datasets(args.tasks) if args.fixtures else {}
+    if args.show_prompts:
+        print(show_prompts(args, datasets))
+        return 0
 
     from scope.eval.runner import partial_state
 
@@ -89,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         options=options,
         model_id=args.model,
+        protocol=args.protocol,
+        datasets=datasets,
+        data_dir=args.datasets_dir,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
@@ -117,6 +147,46 @@ def main(argv: list[str] | None = None) -> int:
 
             print(to_markdown(paper_layout([Path(out) / k for k in res], ci=False)))
     return 0
+
+
+def fixture_datasets(tasks: str) -> dict:
+    """{task: its fixture dataset} for ``--fixtures`` (SynthBench renders itself offline and has none)."""
+    from scope.eval.fixtures import FIXTURES, fixture
+    from scope.eval.tasks import parse_tasks
+
+    try:
+        names = [t.name for t in parse_tasks(tasks)]
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    return {n: fixture(n) for n in names if n in FIXTURES}
+
+
+def show_prompts(args: argparse.Namespace, datasets: dict) -> str:
+    """What ``--show-prompts`` prints: per task, the first ``--limit`` (default 3) questions' model inputs
+    under the run's protocol (:func:`scope.protocol.model_inputs`), from the processor alone."""
+    from scope.eval.tasks import parse_tasks, prepare
+    from scope.load import load_processor
+    from scope.protocol import format_inputs, model_inputs, resolve_protocol
+
+    try:
+        processor = load_processor(args.model)
+        protocol = resolve_protocol(args.model, args.protocol or getattr(processor, "scope_protocol", None))
+        tasks = parse_tasks(args.tasks)
+    except (ValueError, FileNotFoundError, ConnectionError) as err:
+        raise SystemExit(str(err)) from None
+    limit = args.limit or 3
+    out = [f"model={args.model or 'embedded MiniLLaVA'} protocol={protocol.name} ({protocol.summary})"]
+    for base in tasks:
+        task = base.under(protocol)
+        if task.name in datasets:
+            docs = prepare(task, datasets[task.name], limit, args.datasets_dir)
+        else:
+            docs = task.load(limit=limit, seed=args.seed, data_dir=args.datasets_dir)
+        for i in range(min(limit, len(docs))):
+            inputs = model_inputs(processor, task.prompt(docs[i]), task.images(docs[i]), protocol)
+            out.append(format_inputs(f"[{task.name} #{i}] qid={task.qid(docs[i])}", inputs))
+            out[-1] += f"\n  max new tokens: {args.max_new_tokens or task.max_new_tokens}"
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """Tiny in-memory datasets in the lmms-lab schemas, for tests and offline smoke runs (no network).
 
 Column names and types follow the lmms-lab datasets lmms-eval loads (POPE, MME, GQA, MMBench, ScienceQA,
-textvqa, SEED-Bench, MMMU); the contents are made up. ``fixture(name)`` returns a ``datasets.Dataset``.
+textvqa, SEED-Bench, MMMU), including every field the ``paper`` protocol reads (TextVQA's ``ocr_tokens``,
+SEED's ``data_type`` and video frames); the contents are made up. Some images are not square, so that
+padding and cropping differ. ``fixture(name)`` returns a ``datasets.Dataset``; ``python -m scope.eval
+--fixtures`` runs any command on them.
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ from typing import Any
 from PIL import Image
 
 
-def _img(i: int, size: int = 32) -> Image.Image:
-    # a distinct flat colour per row, so images differ but cost nothing
-    return Image.new("RGB", (size, size), ((37 * i) % 256, (91 * i) % 256, (53 * i) % 256))
+def _img(i: int, size: int = 32, height: int | None = None) -> Image.Image:
+    # a distinct flat colour per row, so images differ but cost nothing; ``height`` makes it non-square
+    return Image.new("RGB", (size, height or size), ((37 * i) % 256, (91 * i) % 256, (53 * i) % 256))
 
 
 def _rows(cols: dict[str, list]) -> Any:
@@ -115,6 +118,7 @@ def scienceqa() -> Any:
 
 
 def textvqa() -> Any:
+    """Two questions with their OCR tokens; the first image is wide (48 x 32)."""
     return _rows(
         {
             "image_id": ["a", "b"],
@@ -124,18 +128,18 @@ def textvqa() -> Any:
                 ["Nokia"] * 7 + ["nokia phone", "nokia", "unanswerable"],
                 ["ten", "10", "1o", "10.", "23", "23", "23", "23", "23", "23"],
             ],
-            "image": [_img(0), _img(1)],
-            "image_width": [32, 32],
+            "image": [_img(0, 48, 32), _img(1)],
+            "image_width": [48, 32],
             "image_height": [32, 32],
             "set_name": ["val", "val"],
             "image_classes": [["phone"], ["person"]],
-            "ocr_tokens": [["nokia"], ["10"]],
+            "ocr_tokens": [["nokia", "3310"], ["10"]],
         }
     )
 
 
 def seedbench() -> Any:
-    """Two image questions and one video question (which the image task filters out)."""
+    """Two image questions (the first image tall, 24 x 40) and one video question with two frames."""
     return _rows(
         {
             "answer": ["A", "C", "B"],
@@ -148,7 +152,7 @@ def seedbench() -> Any:
             "question": ["How many cats?", "What colour is the sky?", "What happens next?"],
             "question_id": ["101", "102", "9001"],
             "question_type_id": [1, 2, 10],
-            "image": [[_img(0)], [_img(1)], [_img(2), _img(3)]],
+            "image": [[_img(0, 24, 40)], [_img(1)], [_img(2), _img(3)]],
             "segment": [None, None, [0.0, 1.0]],
         }
     )

@@ -8,20 +8,14 @@ from typing import Any
 
 import torch
 
+from scope.protocol import build_prompt as protocol_prompt
 
-def build_prompt(processor: Any, question: str, n_images: int = 1) -> str:
-    """The chat prompt for one question with ``n_images`` images in front of it.
 
-    Uses the processor's chat template (llava-hf checkpoints and the embedded models ship one); without a
-    template, LLaVA-1.5's format ``USER: <image>\\n{question} ASSISTANT:``.
-    """
-    if getattr(processor, "chat_template", None):
-        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
-        return processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True
-        )
-    token = getattr(processor, "image_token", "<image>")
-    return "USER: " + f"{token}\n" * n_images + f"{question} ASSISTANT:"
+def build_prompt(processor: Any, question: str, n_images: int = 1, protocol: str = "hf") -> str:
+    """The prompt for one question with ``n_images`` images in front of it, as ``protocol`` builds it
+    (:func:`scope.protocol.build_prompt`: the checkpoint's chat template under "hf", LLaVA's vicuna_v1
+    conversation under "paper")."""
+    return protocol_prompt(processor, question, n_images, protocol)
 
 
 class _StepCounter:

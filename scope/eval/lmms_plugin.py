@@ -14,7 +14,11 @@ For users who already run the field's harness (``pip install 'scope-pruning[lmms
 - loading (to :func:`scope.load`, i.e. ``from_pretrained``): ``pretrained`` (hub id or path; default the
   embedded MiniLLaVA), ``dtype`` (``float16``, ``bfloat16``, ``float32`` or ``auto``),
   ``attn_implementation``, ``device_map``, ``revision``, ``device``;
-- ``protocol``: only ``hf`` (transformers generation, the default); other protocols are not implemented;
+- ``protocol``: ``paper`` (default for real checkpoints: the authors' image preprocessing, vicuna_v1
+  conversation and baseline settings, and SEED video questions on their first frame as the authors' llava
+  model answers them) or ``hf`` (the checkpoint's own processor and chat template; the default for the
+  embedded models); see :mod:`scope.protocol`. Task prompts are lmms-eval's own: for the authors' TextVQA
+  prompt use a task config with ``ocr: true``;
 - pruning: ``method`` (default "scope"; "none" = unpruned), ``budget`` (default 64; ``none`` for PDrop's
   reference schedule);
 - ``max_new_tokens`` (default: the task's);
@@ -26,8 +30,8 @@ Under torchrun or ``accelerate launch`` each process loads its own copy on its o
 ``PartialState``: ``cuda:LOCAL_RANK``) unless ``device_map`` places the model; lmms-eval shards the requests
 by ``rank`` / ``world_size``. lmms-eval finds the model through the ``lmms_eval.models`` entry point
 (``manifest`` below) in current releases, and through ``register_model`` when this module is imported in
-older ones. Prompts follow the checkpoint's chat template and decoding is greedy, exactly as
-``python -m scope.eval`` does.
+older ones. Prompts and images follow the protocol and decoding is greedy, exactly as ``python -m scope.eval``
+does.
 """
 
 from __future__ import annotations
@@ -48,12 +52,13 @@ import torch
 
 from scope.eval.generate import build_prompt, generate_answers
 from scope.eval.rundir import json_value
+from scope.eval.tasks import get_task
 from scope.load import resolve_dtype
 from scope.methods import IN_LLM, get_method, is_unpruned
+from scope.protocol import PROTOCOLS, applied, prepare_images, resolve_protocol, run_options
 
 # --model_args keys passed on to scope.load (from_pretrained); pretrained, dtype and device are arguments
 LOAD_KEYS = ("attn_implementation", "device_map", "revision")
-PROTOCOLS = ("hf",)
 AUTO_BATCH_SIZE = 8  # what batch_size=auto (or auto:N) means: no probing, a fixed size that fits 7B on a GPU
 _FIXED_KEYS = (
     "pretrained",
@@ -168,7 +173,7 @@ class ScopeLlava(lmms):
 
     Raises:
         ValueError: an unknown method, an invalid budget or option (checked before patching, against the
-            loaded model), an unsupported ``protocol``, ``dtype`` or ``batch_size``.
+            loaded model), an unknown ``protocol``, an unsupported ``dtype`` or ``batch_size``.
     """
 
     def __init__(
@@ -190,10 +195,9 @@ class ScopeLlava(lmms):
         from scope.eval.runner import partial_state
         from scope.patch import check, patch, unpatch
 
-        if protocol is not None and str(protocol).lower() not in PROTOCOLS:
+        if protocol is not None and str(protocol).strip().lower() not in PROTOCOLS:
             raise ValueError(
-                f"scope_llava: protocol={protocol!r} is not implemented yet; only protocol=hf (transformers "
-                f"generation, the default) is"
+                f"scope_llava: protocol={protocol!r} is unknown; choose from {sorted(PROTOCOLS)}"
             )
         load_kw, options = split_model_args(kwargs)
         budget = _budget(budget)
@@ -212,6 +216,8 @@ class ScopeLlava(lmms):
             model.to(resolve_device(str(target_device(device, state))))  # a clear error for a missing device
         self._device = _model_device(model)
         self.model, self.processor = model.eval(), processor
+        self.protocol = resolve_protocol(pretrained, protocol or getattr(processor, "scope_protocol", None))
+        options = run_options(self.protocol, method, budget, model, options)
         self.method, self.budget, self.options = method, budget, dict(options)
         self.max_new_tokens = max_new_tokens
         with _explained(method):  # patch checks everything first and replaces an earlier patch
@@ -256,18 +262,29 @@ class ScopeLlava(lmms):
         for start in range(0, len(requests), self.batch_size):
             chunk = [r.args for r in requests[start : start + self.batch_size]]
             visuals = [
-                list(dv(self.task_dict[task][split][doc_id])) for _, _, dv, doc_id, task, split in chunk
+                self._visuals(dv, self.task_dict[task][split][i], task) for _, _, dv, i, task, split in chunk
             ]
-            prompts = [build_prompt(self.processor, ctx, len(v)) for (ctx, *_), v in zip(chunk, visuals)]
+            p = self.protocol
+            prompts = [build_prompt(self.processor, ctx, len(v), p) for (ctx, *_), v in zip(chunk, visuals)]
             gen = chunk[0][1] or {}
             mnt = self.max_new_tokens or int(gen.get("max_new_tokens", 16))
-            texts, _ = generate_answers(self.model, self.processor, prompts, visuals, mnt)
+            with applied(self.processor, self.model, p):
+                texts, _ = generate_answers(self.model, self.processor, prompts, visuals, mnt)
             for (_, g, *_), text in zip(chunk, texts):
                 until = (g or {}).get("until") or []
                 for stop in [until] if isinstance(until, str) else until:
                     text = text.split(stop)[0] if stop else text
                 out.append(text.strip())
         return out
+
+    def _visuals(self, doc_to_visual, doc, task: str) -> list:
+        """A request's images as the protocol prepares them (under ``paper``, a SEED video question keeps
+        its first frame, as the authors' lmms-eval llava model does)."""
+        visuals = list(doc_to_visual(doc))
+        seed = get_task("seedbench")
+        if self.protocol.authors and task == seed.name and doc.get("data_type") == "video":
+            visuals = visuals[:1]
+        return prepare_images(self.processor, visuals, self.protocol)
 
     def loglikelihood(self, requests):
         """Not supported: scope_llava answers generation tasks only."""

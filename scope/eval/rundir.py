@@ -217,7 +217,7 @@ def read_results(path: Path) -> dict:
 
 
 def brief_config(cfg: dict) -> dict:
-    return {k: cfg.get(k) for k in ("model", "method", "budget", "options", "limit", "seed")}
+    return {k: cfg.get(k) for k in ("model", "protocol", "method", "budget", "options", "limit", "seed")}
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -246,17 +246,20 @@ def _comparable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def open_run_dir(out_dir: Path, config: dict, identity: tuple[str, ...], overwrite: bool) -> dict:
+def open_run_dir(
+    out_dir: Path, config: dict, identity: tuple[str, ...], overwrite: bool, defaults: dict | None = None
+) -> dict:
     """Start or resume the run in ``out_dir`` and write ``config.json``.
 
-    A run already there resumes only if every field of ``identity`` agrees; otherwise it is refused with
-    the differences listed. ``overwrite`` deletes everything of the old run first (logs, results, config).
+    A run already there resumes only if every field of ``identity`` agrees (a field its config.json lacks
+    counts as its value in ``defaults``); otherwise it is refused with the differences listed.
+    ``overwrite`` deletes everything of the old run first (logs, results, config).
     """
     cfg_path = out_dir / "config.json"
     if overwrite:
         clear_run(out_dir)
     elif cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
+        old = {**(defaults or {}), **json.loads(cfg_path.read_text())}
         diff = {k: (old.get(k), config[k]) for k in identity if old.get(k) != _comparable(config[k])}
         if diff:
             lines = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
@@ -358,7 +361,7 @@ def _alive(holder: dict, path: Path) -> bool:
 def summary_table(results: dict[str, Any]) -> str:
     """A Markdown table (task, metric, value, n, kept tokens) of a results dict."""
     cfg = results.get("config", {})
-    head = f"model={cfg.get('model')} method={cfg.get('method')} budget={cfg.get('budget')}"
+    head = f"model={cfg.get('model')} protocol={cfg.get('protocol')} method={cfg.get('method')} budget={cfg.get('budget')}"
     rows = ["| task | metric | value | n | visual tokens |", "|---|---|---:|---:|---:|"]
     for name, r in results.get("tasks", {}).items():
         kept = r.get("mean_kept_tokens")

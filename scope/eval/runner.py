@@ -39,6 +39,7 @@ from scope.eval.rundir import (
 )
 from scope.eval.tasks import Task, get_task, parse_tasks, prepare
 from scope.methods import IN_LLM, NONE, UNPRUNED, get_method, is_unpruned
+from scope.protocol import HF, Protocol, applied, prepare_images, resolve_protocol, run_options
 
 # Fields of config.json that make a run's identity: every setting that can change an answer. A resumed run
 # must agree on all of them (batch size: padding changes the arithmetic; dtype: the rounding).
@@ -54,7 +55,11 @@ IDENTITY = (
     "task_kwargs",
     "dtype",
     "batch_size",
+    "protocol",
 )
+# what a field missing from an older config.json meant (runs before protocols existed used the checkpoint's
+# own processor and template)
+IDENTITY_DEFAULTS = {"protocol": HF.name}
 
 
 def _dist(rank: int | None, world_size: int | None):
@@ -94,7 +99,9 @@ def evaluate(
     max_new_tokens: int | None = None,
     seed: int = 0,
     model_id: str | None = None,
+    protocol: str | None = None,
     datasets: dict[str, Any] | None = None,
+    data_dir: str | None = None,
     task_kwargs: dict[str, dict] | None = None,
     overwrite: bool = False,
     rank: int | None = None,
@@ -105,24 +112,23 @@ def evaluate(
 
     Args:
         model, processor: a transformers LLaVA / LLaVA-NeXT model and its processor (e.g. from scope.load()).
-        tasks: names (list or comma-separated): "synthbench", "gqa", "mmbench_en_dev", "mme", "pope",
-            "scienceqa_img", "textvqa_val", "seedbench", "mmmu_val".
+        tasks: names of :data:`scope.eval.tasks.TASKS` (list or comma-separated), e.g. "synthbench,pope".
         method, budget, options: pruning for this run. The model is patched with
             ``scope.patch(model, method, budget, **options)`` for the run and unpatched afterwards; "none"
             evaluates the unpruned model; None evaluates the model as it is (and records it as given).
         limit: first ``limit`` questions of every task (SynthBench: a family-balanced prefix).
-        batch_size: prompts per generate() call (left padding).
-        max_new_tokens: generation length (default: the task's, 16 for short answers, 128 for MMMU).
-        seed: torch seed (and SynthBench's) for reproducibility; decoding is greedy.
-        datasets: {task name: dataset} to use instead of loading (offline fixtures, local copies).
+        batch_size, max_new_tokens: prompts per generate() call (left padding); generation length (default:
+            the task's). seed: torch seed (and SynthBench's) for reproducibility; decoding is greedy.
+        protocol: "paper" or "hf" (:func:`run_protocol`); under "paper" ``options`` update the authors'.
+        datasets, data_dir: {task name: dataset} used instead of loading (offline fixtures); local benchmark
+            copies tried before the hub (:mod:`scope.eval.sources`).
         task_kwargs: {task name: kwargs for its loader}, e.g. {"synthbench": {"image_size": 384}}.
         overwrite: delete the run in out_dir (logs, results, config) and start afresh. Without it, a run
             already there resumes only if every field of :data:`IDENTITY` agrees (else ValueError).
         rank, world_size: simulate one process of a multi-process run (default: accelerate's PartialState).
 
     Arguments are checked before anything is written; a second process on the same out_dir is refused
-    (:class:`scope.eval.rundir.RunLock`). Returns the dict written to results.json (complete on the main
-    process only).
+    (:class:`scope.eval.rundir.RunLock`). Returns results.json's dict (complete on the main process only).
     """
     _check_sizes(batch_size, max_new_tokens)
     task_list = parse_tasks(tasks)
@@ -130,13 +136,13 @@ def evaluate(
     out_dir = Path(out_dir)
     rank, world_size, state = _dist(rank, world_size)
     is_main = rank == 0
-
-    patched = getattr(model, "__dict__", {}).get("_scope")
-    if method is None and patched is not None:  # record what the model was patched with (e.g. by scope.load)
-        method, budget, options = patched.method, patched.budget, dict(patched.options)
-    _check_pruning(model, method, budget, options or {})  # before anything is written
+    method, budget, options = _given_pruning(model, method, budget, options)
+    proto = run_protocol(model, processor, model_id, protocol)
+    options = run_options(proto, method, budget, model, options)  # what config.json records
+    _check_pruning(model, method, budget, options)  # before anything is written
     config = run_config(model, model_id, method, budget, options, limit, seed, max_new_tokens, task_kwargs)
     config.update(tasks=[t.name for t in task_list], batch_size=batch_size, world_size=world_size)
+    config.update(protocol=proto.name, data_dir=data_dir)  # protocol: part of IDENTITY
     lock = RunLock(out_dir) if is_main else None
     # the main process takes the directory; a refusal (another run there, another process on it) is
     # raised on every rank, not on the main one alone while the others wait at a barrier
@@ -146,10 +152,10 @@ def evaluate(
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         results: dict[str, Any] = {"config": brief_config(config), "tasks": {}}
-        with _pruning(model, method, budget, options or {}):
+        with _pruning(model, method, budget, options), applied(processor, model, proto):
             for task in task_list:
                 entry = _evaluate_task(
-                    model, processor, task, config, datasets, out_dir, rank, state, progress
+                    model, processor, task.under(proto), config, datasets, out_dir, rank, state, progress
                 )
                 if is_main:
                     _add_equivalent_tokens(entry, model, method, budget, options or {})
@@ -158,6 +164,23 @@ def evaluate(
         if is_main:
             _write_results(out_dir / "results.json", results)
     return results
+
+
+def _given_pruning(model: Any, method: str | None, budget: int | None, options: dict | None):
+    """(method, budget, options) of the run: as given, or with no method what the model was patched with
+    (e.g. by scope.load), so that config.json records it."""
+    patched = getattr(model, "__dict__", {}).get("_scope")
+    if method is None and patched is not None:
+        return patched.method, patched.budget, dict(patched.options)
+    return method, budget, options
+
+
+def run_protocol(model: Any, processor: Any, model_id: str | None, protocol: str | None) -> Protocol:
+    """The run's protocol: ``protocol``, else the one ``scope.load`` recorded on the processor, else the
+    default for the checkpoint (:func:`scope.protocol.resolve_protocol`)."""
+    chosen = protocol or getattr(processor, "scope_protocol", None)
+    name = model_id or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return resolve_protocol(name, chosen)
 
 
 def _check_sizes(batch_size: int, max_new_tokens: int | None) -> None:
@@ -171,7 +194,7 @@ def _check_sizes(batch_size: int, max_new_tokens: int | None) -> None:
 def _open(lock: RunLock, out_dir: Path, config: dict, overwrite: bool) -> None:
     lock.acquire()
     try:
-        open_run_dir(out_dir, config, IDENTITY, overwrite)
+        open_run_dir(out_dir, config, IDENTITY, overwrite, IDENTITY_DEFAULTS)
     except BaseException:
         lock.release()
         raise
@@ -249,9 +272,10 @@ def _evaluate_task(
     """Answer this process's share of ``task``'s questions, then (main process) merge and score them."""
     limit, seed, world_size = config["limit"], config["seed"], config["world_size"]
     if task.name in datasets:
-        docs = prepare(task, datasets[task.name], limit)
+        docs = prepare(task, datasets[task.name], limit, config["data_dir"])
     else:
-        docs = task.load(limit=limit, seed=seed, **config["task_kwargs"].get(task.name, {}))
+        kwargs = config["task_kwargs"].get(task.name, {})
+        docs = task.load(limit=limit, seed=seed, data_dir=config["data_dir"], **kwargs)
     n = len(docs)
     done = set(logged_records(out_dir, task.name))
     # Shard the full index range, not the remaining list: every process then agrees on who owns which
@@ -259,7 +283,8 @@ def _evaluate_task(
     # covers every index exactly once.
     mine = [i for i in range(rank, n, world_size) if i not in done]
     batch, mnt = config["batch_size"], config["max_new_tokens"]
-    _run_task(model, processor, task, docs, mine, out_dir, rank, batch, mnt, progress and rank == 0)
+    proto, show = config["protocol"], progress and rank == 0
+    _run_task(model, processor, task, docs, mine, out_dir, rank, batch, mnt, show, proto)
     if state is not None:
         state.wait_for_everyone()
     if rank != 0:
@@ -324,6 +349,7 @@ def _run_task(
     batch_size: int,
     max_new_tokens,
     progress: bool,
+    protocol: str = HF.name,
 ) -> None:
     from tqdm.auto import tqdm
 
@@ -335,9 +361,9 @@ def _run_task(
         for start in range(0, len(todo), batch_size):
             idxs = todo[start : start + batch_size]
             batch = [docs[i] for i in idxs]
-            imgs = [task.images(d) for d in batch]
+            imgs = [prepare_images(processor, task.images(d), protocol) for d in batch]
             questions = [task.prompt(d) for d in batch]
-            prompts = [build_prompt(processor, q, len(im)) for q, im in zip(questions, imgs)]
+            prompts = [build_prompt(processor, q, len(im), protocol) for q, im in zip(questions, imgs)]
             preds, kept = generate_answers(model, processor, prompts, imgs, mnt)
             for i, d, q, p, k in zip(idxs, batch, prompts, preds, kept):
                 rec = {

@@ -5,8 +5,14 @@ prediction into a per-sample record, and aggregates records into metrics. Aggreg
 records the runner logs, so a result directory can always be re-scored (and bootstrapped) from its JSONL.
 
 Real benchmarks come from the lmms-lab datasets on the Hugging Face hub, in the same schemas, splits and
-prompts as lmms-eval's tasks of the same name. Nothing is downloaded unless such a task is requested; a
-machine without network fails with a clear message. Tests pass small in-memory datasets in those schemas.
+prompts as lmms-eval's tasks of the same name. lmms-eval moved them from ``lmms-lab/<name>`` to
+``lmms-lab-encoder/<name>``: both are tried, in that order, after any local copy under ``data_dir`` (or
+``$SCOPE_DATASETS_DIR``; :mod:`scope.eval.sources`). Nothing is downloaded unless such a task is requested; when
+no source loads, the error names every one tried. Tests pass small in-memory datasets in those schemas.
+
+``Task.authors`` holds what the SCOPE authors' copy of lmms-eval sets differently (TextVQA's OCR tokens, the
+first frame of SEED's video questions, the YAMLs' max new tokens); :meth:`Task.under` applies it for a
+protocol that asks for it (``paper``, :mod:`scope.protocol`).
 
 Where the scoring differs from lmms-eval (all documented in the functions of :mod:`scope.eval.metrics`):
 - POPE / SynthBench existence: answers are parsed to yes / no (first word, else LLaVA's "no"/"not" rule);
@@ -16,20 +22,22 @@ Where the scoring differs from lmms-eval (all documented in the functions of :mo
 - MMMU: an unparseable multiple-choice answer gets MMMU's random letter, seeded by the question id.
 - ``limit`` keeps the first N rows, as lmms-eval's ``--limit``: POPE's first rows are all "adversarial", and
   MME scores over cut pairs are not comparable with full-set scores.
-- SEED-Bench: the image part (``data_type == "image"``), which is what the paper's "SEED" / "SEED-I" reports.
+- SEED-Bench: every question, as lmms-eval's ``seedbench``: ``seed_all`` (the paper's "SEED", e.g. 58.6 for
+  LLaVA-1.5-7B), ``seed_image`` ("SEED-I") and ``seed_video``. Video questions carry frames: all of them under
+  ``hf`` (lmms-eval's doc_to_visual), the first one under ``paper`` (the authors' lmms-eval llava model).
 """
 
 from __future__ import annotations
 
 import ast
-import os
 import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import scope.eval.metrics as M
+from scope.eval.sources import load_hub_dataset
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 OPTION_LETTER = "\nAnswer with the option's letter from the given choices directly."
@@ -60,45 +68,36 @@ class Task:
     paper_column: str | None = None
     unit: str = "idx"
     loader: Callable[..., Any] | None = field(default=None, repr=False)
+    # fields of this record that the authors' lmms-eval sets differently (applied by `under`)
+    authors: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
+    # paper headers of metrics other than `main` (SEED-I for seed_image)
+    metric_columns: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
-    def load(self, limit: int | None = None, seed: int = 0, **kwargs: Any) -> Sequence[dict]:
-        """The evaluation docs (first ``limit`` of them), from the hub or from a custom loader."""
+    def load(
+        self, limit: int | None = None, seed: int = 0, data_dir: str | None = None, **kwargs: Any
+    ) -> Sequence[dict]:
+        """The evaluation docs (first ``limit`` of them), from a local copy under ``data_dir``, the hub or a
+        custom loader (:func:`load_hub_dataset`)."""
         if limit is not None and limit < 1:
             raise ValueError(f"limit={limit!r} must be a positive int or None")
         if self.loader is not None:
             return self.loader(limit=limit, seed=seed, **kwargs)
-        ds = load_hub_dataset(self.hf_path, self.hf_name, self.split)
-        return prepare(self, ds, limit)
+        ds = load_hub_dataset(self.hf_path, self.hf_name, self.split, data_dir)
+        return prepare(self, ds, limit, data_dir)
+
+    def under(self, protocol: Any) -> Task:
+        """This task as ``protocol`` runs it: with :attr:`authors` applied when the protocol asks for the
+        authors' settings (``protocol.authors``, :mod:`scope.protocol`), else unchanged."""
+        return replace(self, **self.authors) if getattr(protocol, "authors", False) and self.authors else self
 
 
-def load_hub_dataset(path: str, name: str | None, split: str):
-    """``datasets.load_dataset`` with an error that says what to do when the hub is out of reach."""
-    import datasets
-
-    try:
-        return datasets.load_dataset(path, name, split=split)
-    except Exception as err:  # noqa: BLE001 -- datasets raises many types for "not reachable / not cached"
-        offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
-        raise RuntimeError(
-            f"could not load the benchmark dataset {path!r} (config {name!r}, split {split!r}): {err}\n"
-            + (
-                "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set and the dataset is not in the local cache. "
-                if offline
-                else ""
-            )
-            + "Download it once on a machine with network access (datasets.load_dataset(...) fills "
-            "~/.cache/huggingface), or pass an already loaded dataset: evaluate(..., datasets={'<task>': ds})."
-        ) from err
-
-
-def prepare(task: Task, ds, limit: int | None):
-    """Task-specific filtering (SEED image part, GQA image join) then the first ``limit`` rows."""
-    if task.name == "seedbench" and "data_type" in ds.column_names:
-        ds = ds.filter(lambda t: t == "image", input_columns="data_type")
+def prepare(task: Task, ds, limit: int | None, data_dir: str | None = None):
+    """The first ``limit`` rows, then GQA's image join (its images live in a separate config)."""
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     if task.name == "gqa" and "image" not in ds.column_names:
-        ds = GQAJoined(ds, load_hub_dataset("lmms-lab/GQA", "testdev_balanced_images", "testdev"))
+        images = load_hub_dataset("lmms-lab/GQA", "testdev_balanced_images", "testdev", data_dir)
+        ds = GQAJoined(ds, images)
     return ds
 
 
@@ -295,7 +294,22 @@ def _sqa_prompt(doc: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# SEED-Bench (image part)
+# TextVQA
+
+
+def _textvqa_prompt(doc: dict) -> str:
+    return doc["question"].capitalize() + SHORT_ANSWER
+
+
+def _textvqa_ocr_prompt(doc: dict) -> str:
+    # lmms-eval's textvqa_doc_to_text with ocr=True (the authors' template): the OCR line between the
+    # question and the instruction
+    ocr = f"\nReference OCR token: {', '.join(doc['ocr_tokens'])}"
+    return doc["question"].capitalize() + ocr + SHORT_ANSWER
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SEED-Bench (image and video questions)
 
 
 def _seed_prompt(doc: dict) -> str:
@@ -306,6 +320,26 @@ def _seed_prompt(doc: dict) -> str:
 def _seed_images(doc: dict) -> list:
     imgs = doc["image"]
     return [_rgb(i) for i in (imgs if isinstance(imgs, list) else [imgs])]
+
+
+def _seed_first_frame(doc: dict) -> list:
+    # the authors' lmms-eval llava model answers a video question from its first frame alone
+    imgs = _seed_images(doc)
+    return imgs[:1] if doc.get("data_type") == "video" else imgs
+
+
+def _seed_score(doc: dict, pred: str) -> dict:
+    return {"score": M.seed_correct(pred, doc["answer"]), "data_type": doc.get("data_type", "image")}
+
+
+def _seed_aggregate(records: list[dict]) -> dict[str, float]:
+    # lmms-eval's seed_all / seed_image / seed_video (records logged before data_type was kept: image)
+    out = {"seed_all": _mean_pct(records)}
+    for kind in ("image", "video"):
+        part = [r for r in records if r.get("data_type", "image") == kind]
+        if part:
+            out[f"seed_{kind}"] = _mean_pct(part)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -422,6 +456,7 @@ TASKS: dict[str, Task] = {
             aggregate=_mmb_aggregate,
             qid=lambda d: str(d["index"]),
             paper_column="MMB",
+            authors={"max_new_tokens": 1024},  # the authors' lmms-eval YAML
             unit="group",
         ),
         Task(
@@ -452,6 +487,7 @@ TASKS: dict[str, Task] = {
             qid=lambda d: str(d["question_id"]),
             main="f1",
             paper_column="POPE",
+            authors={"max_new_tokens": 128},  # the authors' lmms-eval YAML
         ),
         Task(
             name="scienceqa_img",
@@ -471,13 +507,15 @@ TASKS: dict[str, Task] = {
             hf_path="lmms-lab/textvqa",
             hf_name=None,
             split="validation",
-            prompt=lambda d: d["question"].capitalize() + SHORT_ANSWER,
+            prompt=_textvqa_prompt,
             images=_first_image,
             target=lambda d: "|".join(d["answers"]),
             score=lambda d, p: {"score": M.vqa_accuracy(p, d["answers"])},
             aggregate=_acc_aggregate,
             qid=lambda d: str(d["question_id"]),
             paper_column="TextVQA",
+            # the YAML sets no length: the llava model's default, 1024
+            authors={"prompt": _textvqa_ocr_prompt, "max_new_tokens": 1024},
         ),
         Task(
             name="seedbench",
@@ -487,10 +525,13 @@ TASKS: dict[str, Task] = {
             prompt=_seed_prompt,
             images=_seed_images,
             target=lambda d: d["answer"],
-            score=lambda d, p: {"score": M.seed_correct(p, d["answer"])},
-            aggregate=_acc_aggregate,
+            score=_seed_score,
+            aggregate=_seed_aggregate,
             qid=lambda d: str(d["question_id"]),
+            main="seed_all",
             paper_column="SEED",
+            metric_columns={"seed_image": "SEED-I"},
+            authors={"images": _seed_first_frame, "max_new_tokens": 1024},  # as TextVQA
         ),
         Task(
             name="mmmu_val",
