@@ -624,6 +624,8 @@ def plot_coverage_per_image(
     means = df.groupby("label")["pct"].mean().reindex(labels)
     ax.scatter(range(len(labels)), means, marker="_", s=900, color="black", lw=2, zorder=5, label="mean")
     ax.set_xlabel("")
+    if len(labels) > 3:
+        ax.tick_params(axis="x", labelrotation=30)
     ax.set_ylabel(r"$\theta$-coverage (% of the image's tokens)")
     ax.set_ylim(-3, 103)
     ax.legend(loc="lower right")
