@@ -9,7 +9,7 @@ TORCH_SPEC ?= $(shell w=$$(ls $${PIP_FIND_LINKS:-/nonexistent}/torch-*+cpu-*.whl
 SMOKE ?= 0
 # the exact versions that produced figures/ (make lock refreshes them)
 LOCK := constraints.txt
-NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb notebooks/[0-9][0-9][a-z]_*.ipynb))
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1

@@ -61,8 +61,9 @@ def set_coverage(features: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 def coverage_gain(features: torch.Tensor, kept: torch.Tensor, candidate: int) -> torch.Tensor:
     """``f(T + v) - f(T)`` for one candidate index v: ``[B]`` (scalar unbatched)."""
-    kept = torch.as_tensor(kept, device=features.device)
-    plus = torch.cat([kept, torch.full_like(kept[..., :1], int(candidate))], -1)
+    kept = torch.as_tensor(kept, device=features.device, dtype=torch.long)
+    # the candidate as one more column (shaped from kept's leading dims, so an empty kept set works too)
+    plus = torch.cat([kept, torch.full((*kept.shape[:-1], 1), int(candidate), device=kept.device)], -1)
     return set_coverage(features, plus) - set_coverage(features, kept)
 
 

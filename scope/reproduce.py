@@ -23,7 +23,9 @@ from pathlib import Path
 
 from scope.paths import FIGURES_DIR, NOTEBOOKS_DIR, REPO_ROOT
 
-NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
+# "NN_name.ipynb", or "NNx_name.ipynb" with one lowercase letter for a notebook placed right after NN
+# (00b follows 00): sorting by name keeps that order, "--only 00b" selects it
+NOTEBOOK_PATTERN = re.compile(r"^(\d\d[a-z]?)_[\w-]+\.ipynb$")
 # The kernels inherit these: nothing may try the network, tokenizers must not fork threads, and progress
 # bars (model loading, evaluation) would only clutter the executed notebooks.
 OFFLINE_ENV = {
@@ -62,16 +64,17 @@ def choose_threads(requested: int | None) -> int | None:
 
 
 def discover(notebooks_dir: Path = NOTEBOOKS_DIR, only: list[str] | None = None) -> list[Path]:
-    """The ``NN_name.ipynb`` notebooks of ``notebooks_dir`` in numeric order, optionally only the ``NN`` given."""
+    """The ``NN_name.ipynb`` (and ``NNx_name.ipynb``) notebooks of ``notebooks_dir`` in numeric order, optionally
+    only those numbered in ``only`` (``"01"``, ``"1"``, ``"00b"``)."""
     notebooks_dir = Path(notebooks_dir)
     if not notebooks_dir.is_dir():
         raise ValueError(f"notebooks_dir={str(notebooks_dir)!r} is not a directory")
     found = sorted(p for p in notebooks_dir.iterdir() if NOTEBOOK_PATTERN.match(p.name))
     if only:
-        wanted = {s.zfill(2) for s in only}
-        bad = sorted(w for w in wanted if not re.fullmatch(r"\d\d", w))
+        wanted = {s.zfill(3 if s[-1:].isalpha() else 2) for s in only}
+        bad = sorted(w for w in wanted if not re.fullmatch(r"\d\d[a-z]?", w))
         if bad:
-            raise ValueError(f"only={only} must be two-digit notebook numbers like 01,02")
+            raise ValueError(f"only={only} must be notebook numbers like 01,02 or 00b")
         missing = wanted - {NOTEBOOK_PATTERN.match(p.name).group(1) for p in found}
         if missing:
             raise ValueError(f"only={only}: no notebook numbered {sorted(missing)} in {notebooks_dir}")
@@ -189,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scope.reproduce", description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny limits (passes smoke=True); for CI")
     parser.add_argument("--out", type=Path, help="write executed notebooks, figures and results here")
-    parser.add_argument("--only", help="comma-separated notebook numbers, e.g. 01,02")
+    parser.add_argument("--only", help="comma-separated notebook numbers, e.g. 01,02 or 00b")
     parser.add_argument("-p", "--param", action="append", type=_parse_param, default=[], metavar="KEY=VALUE")
     parser.add_argument("--notebooks-dir", type=Path, default=NOTEBOOKS_DIR, help=argparse.SUPPRESS)
     parser.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's own)")

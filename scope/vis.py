@@ -461,3 +461,174 @@ def save_figure(fig: plt.Figure, name: str, source: str, figures_dir=None) -> li
         meta = {"CreationDate": None} if p.suffix == ".pdf" else {"Software": None}
         fig.savefig(p, metadata=meta)
     return paths
+
+
+# ------------------------------------------------------------------------ how a greedy picks (00b)
+
+
+def mark_tokens(ax: plt.Axes, tokens, grid, shape: tuple[int, int], **style) -> None:
+    """A marker at the centre of each token in ``tokens`` (raster indices of ``grid``) on an image axis of
+    pixel ``shape`` (H, W); ``style`` goes to :meth:`matplotlib.axes.Axes.scatter`."""
+    rows, cols = _as_grid(grid)
+    r, c = np.divmod(_as_index_array(tokens, rows * cols), cols)
+    h, w = shape
+    ax.scatter((c + 0.5) * w / cols, (r + 0.5) * h / rows, **{"linewidths": 0.6, **style})
+
+
+def draw_value_overlay(ax: plt.Axes, image, values, grid, cmap: str = "magma", vmin=0.0, vmax=1.0, alpha=0.8):
+    """One value per token over ``image`` on a fixed colour scale and without a colour bar (for small
+    multiples that share one). Returns the value layer (for a shared colour bar) and the image's (H, W)."""
+    rows, cols = _as_grid(grid)
+    values = np.asarray(values.cpu() if hasattr(values, "cpu") else values, dtype=np.float64).reshape(-1)
+    if values.size != rows * cols:
+        raise ValueError(f"values has {values.size} entries, grid {rows}x{cols} needs {rows * cols}")
+    arr = _as_image_array(image)
+    h, w = arr.shape[:2]
+    ax.imshow(arr, extent=(0, w, h, 0))
+    layer = ax.imshow(
+        values.reshape(rows, cols), extent=(0, w, h, 0), cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha
+    )
+    _bare_axes(ax)
+    return layer, (h, w)
+
+
+def _freeze_layout(fig: plt.Figure) -> plt.Figure:
+    """Run the figure's constrained layout once and keep it: :func:`save_figure` places its source line under
+    what is drawn, which a layout engine run again at saving time would move the axes away from."""
+    fig.draw_without_rendering()
+    fig.set_layout_engine("none")
+    return fig
+
+
+def plot_greedy_steps(
+    image,
+    grid,
+    steps: Mapping[str, Mapping],
+    ncols: int = 8,
+    panel_size: float = 1.5,
+    title: str | None = None,
+) -> plt.Figure:
+    """Small multiples of the first T picks of greedy selections, one column per step.
+
+    ``steps`` maps a method name to ``{"picks": tokens in pick order, "cover": [T, N]}`` (each token's best
+    similarity to the first t picks, after pick t) and, for the method whose scores are shown, ``"score":
+    [T, N]`` (every token's score at step t, before pick t). Each step's column holds, per method, a score
+    panel (scaled by the step's best score, the pick marked) when ``score`` is given, and a coverage panel
+    with the kept tokens marked. Colours, markers and labels come from the registry; steps wrap after
+    ``ncols`` columns; ``title`` goes above all panels.
+    """
+    if not steps:
+        raise ValueError("steps is empty; pass {method: {'picks': ..., 'cover': ...}}")
+    panels = [(m, key) for m, s in steps.items() for key in ("score", "cover") if key in s]
+    n_steps = min(len(np.asarray(s["cover"])) for s in steps.values())
+    for m, s in steps.items():
+        if len(s["picks"]) < n_steps or ("score" in s and len(s["score"]) < n_steps):
+            raise ValueError(f"steps[{m!r}] needs picks and scores for {n_steps} steps")
+    colors, markers = method_colors(steps), method_markers(steps)
+    ncols = min(ncols, n_steps)
+    bands, per = math.ceil(n_steps / ncols), len(panels)
+    fig, axes = plt.subplots(
+        per * bands, ncols, figsize=(panel_size * ncols + 1.4, panel_size * per * bands + 0.4),
+        squeeze=False, layout="constrained",
+    )  # fmt: skip
+    layers = {}
+    for t in range(n_steps):
+        for p, (m, key) in enumerate(panels):
+            ax, picks = axes[per * (t // ncols) + p, t % ncols], np.asarray(steps[m]["picks"])
+            kept = {"c": [colors[m]], "marker": markers[m], "ec": "white"}
+            if key == "score":
+                score = np.asarray(steps[m]["score"][t], dtype=np.float64)
+                layers[key], shape = draw_value_overlay(
+                    ax, image, np.clip(score / max(score.max(), 1e-30), 0, 1), grid, cmap="viridis"
+                )
+                mark_tokens(ax, picks[:t], grid, shape, s=8, c="white", marker="o")
+                mark_tokens(ax, picks[t : t + 1], grid, shape, s=80, **kept, linewidths=1.2)
+            else:
+                layers[key], shape = draw_value_overlay(ax, image, steps[m]["cover"][t], grid)
+                mark_tokens(ax, picks[: t + 1], grid, shape, s=16, **kept)
+            if p == 0:
+                ax.set_title(f"pick {t + 1}", fontsize=9)
+            if t % ncols == 0:
+                what = "score / best" if key == "score" else "coverage"
+                ax.set_ylabel(f"{method_label(m)}\n{what}", fontsize=8)
+    for t in range(n_steps, bands * ncols):
+        for p in range(per):
+            axes[per * (bands - 1) + p, t % ncols].axis("off")
+    labels = {"score": "score / the step's best score", "cover": "coverage (max cos. sim. to a kept token)"}
+    halves = np.array_split(np.arange(ncols), len(layers))  # colour bars side by side under the last row
+    for (key, layer), cols in zip(layers.items(), halves):
+        fig.colorbar(
+            layer, ax=list(axes[-1, cols]), location="bottom", shrink=0.8, aspect=30, label=labels[key]
+        )
+    if title:
+        fig.suptitle(title)
+    return _freeze_layout(fig)
+
+
+def plot_selection_contrast(
+    image, grid, kept: Mapping[str, object], covers: Mapping[str, object],
+    notes: Mapping[str, str] | None = None, groups: Mapping[str, object] | None = None,
+    panel_size: float = 2.6, title: str | None = None,
+) -> plt.Figure:  # fmt: skip
+    """Methods side by side on one image: the kept tokens (top row) and the coverage they give (bottom row).
+
+    ``kept``: method -> kept token indices; ``covers``: method -> each token's best similarity to a kept
+    token; ``notes``: method -> a line added under the coverage panel's title (e.g. its theta-coverage);
+    ``groups``: method -> one group id per token (NaN for tokens not merged), drawn as tinted groups over the
+    kept tokens: VisionZip's contextual tokens, each group merged into one output token; ``title`` goes
+    above all panels.
+    """
+    if set(kept) != set(covers) or not kept:
+        raise ValueError(f"kept ({sorted(kept)}) and covers ({sorted(covers)}) must name the same methods")
+    colors, markers = method_colors(kept), method_markers(kept)
+    fig, axes = plt.subplots(
+        2, len(kept), figsize=(panel_size * len(kept) + 1.0, 2 * panel_size + 0.6), squeeze=False,
+        layout="constrained",
+    )  # fmt: skip
+    rows, cols = _as_grid(grid)
+    for (top, bottom), m in zip(axes.T, kept):
+        draw_kept_tokens(image, kept[m], grid, ax=top, title=f"{method_label(m)}: kept", color=colors[m])
+        if groups is not None and m in groups:
+            ids = np.asarray(groups[m], dtype=np.float64).reshape(rows, cols)
+            h, w = _as_image_array(image).shape[:2]
+            top.imshow(np.ma.masked_invalid(ids % 20), extent=(0, w, h, 0), cmap="tab20", vmin=0, vmax=19,
+                       alpha=0.55, interpolation="nearest")  # fmt: skip
+            top.set_title(f"{method_label(m)}: kept + merged")
+        layer, shape = draw_value_overlay(bottom, image, covers[m], grid)
+        mark_tokens(bottom, kept[m], grid, shape, s=14, c=[colors[m]], marker=markers[m], ec="white")
+        bottom.set_title("coverage" + (f"\n{notes[m]}" if notes and m in notes else ""), fontsize=9)
+    fig.colorbar(layer, ax=axes[1, -1], shrink=0.9, label="max cos. sim. to a kept token")
+    if title:
+        fig.suptitle(title)
+    return _freeze_layout(fig)
+
+
+def plot_coverage_per_image(
+    data: pd.DataFrame, ax: plt.Axes | None = None, title: str | None = None
+) -> plt.Axes:
+    """One dot per image and method: the distribution behind a mean theta-coverage (one theta).
+
+    ``data`` has columns ``method`` and ``coverage`` (a fraction in [0, 1]), one row per image; each method's
+    mean is drawn as a black bar across its dots.
+    """
+    check_columns(data, ["method", "coverage"])
+    ax = ax or plt.gca()
+    order = _method_order(data["method"])
+    colors = method_colors(order)
+    df = data.assign(pct=100.0 * data["coverage"], label=data["method"].map(method_label))
+    labels = [method_label(m) for m in order]
+    sns.stripplot(
+        data=df, x="label", y="pct", hue="label", order=labels, hue_order=labels, legend=False, jitter=0.3,
+        palette={method_label(m): colors[m] for m in order}, size=4, alpha=0.7, ax=ax,
+    )  # fmt: skip
+    means = df.groupby("label")["pct"].mean().reindex(labels)
+    ax.scatter(range(len(labels)), means, marker="_", s=900, color="black", lw=2, zorder=5, label="mean")
+    ax.set_xlabel("")
+    if len(labels) > 3:
+        ax.tick_params(axis="x", labelrotation=30)
+    ax.set_ylabel(r"$\theta$-coverage (% of the image's tokens)")
+    ax.set_ylim(-3, 103)
+    ax.legend(loc="lower right")
+    if title:
+        ax.set_title(title)
+    return ax

@@ -62,3 +62,10 @@ def test_bad_input():
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         scope.set_coverage(bad, torch.tensor([1]))
+
+
+def test_coverage_gain_from_the_empty_set_is_the_candidates_own_coverage():
+    x = torch.tensor([[1.0, 0.0], [0.6, 0.8], [-1.0, 0.0]])  # cos with token 0: 1, 0.6, -1 (clipped to 0)
+    empty = torch.tensor([], dtype=torch.long)
+    assert float(coverage_gain(x, empty, 0)) == pytest.approx(1.6, abs=1e-6)
+    assert float(coverage_gain(x, [], 2)) == pytest.approx(1.0, abs=1e-6)  # only itself
