@@ -243,18 +243,26 @@ class Explorer:
     # ------------------------------------------------------------------------------------------ drawing
 
     def draw(self, view: View, ax: plt.Axes | None = None, title: str | None = None) -> plt.Axes:
-        """``view``'s image with its dropped tokens dimmed and kept ones outlined in the method's colour,
-        titled with the method, the budget, the theta-coverage and the answer (✓ right, ✗ wrong)."""
+        """``view``'s image with its dropped tokens dimmed and kept ones outlined, framed in the method's
+        colour (the registry's), titled with the method, the budget, the theta-coverage and the answer
+        (✓ right, ✗ wrong)."""
         from scope import vis
 
         ax = ax or plt.gca()
         image = self.samples[view.index]["image"]
-        if title is None:
-            title = panel_title(view, self.n_tokens)
-        if view.budget >= self.n_tokens:  # all tokens: the plain image, no outline on every cell
-            return vis.draw_kept_tokens(image, view.kept, self.n_tokens, ax=ax, title=title, color="none")
         color = vis.method_colors([view.method])[view.method]
-        return vis.draw_kept_tokens(image, view.kept, self.n_tokens, ax=ax, title=title, color=color)
+        everything = view.budget >= self.n_tokens  # all tokens: the plain image, no outline on every cell
+        vis.draw_kept_tokens(
+            image,
+            view.kept,
+            self.n_tokens,
+            ax=ax,
+            title=panel_title(view, self.n_tokens) if title is None else title,
+            color="none" if everything else color,
+        )
+        for spine in ax.spines.values():
+            spine.set(edgecolor=color, linewidth=2.5, visible=True)
+        return ax
 
     def widget(
         self, indices: Sequence[int] | None = None, budget: int = 64, alpha: float = 1.0, theta: float = 0.9
@@ -312,7 +320,7 @@ class Explorer:
 
 def panel_title(view: View, n_tokens: int) -> str:
     """The title of one explorer panel: method and tokens kept, theta-coverage, the answer and ✓ / ✗."""
-    tokens = f"all {n_tokens} tokens" if view.budget >= n_tokens else f"{view.budget} tokens"
+    tokens = f"{n_tokens} of {n_tokens}" if view.budget >= n_tokens else f"{view.budget} tokens"
     mark = "✓" if view.correct else "✗"
     return (
         f"{method_label(view.method)}, {tokens}\n"
@@ -356,6 +364,10 @@ def static_grid(
         row[0].set_ylabel(_wrap(f"Q{index}: {s['question']} (truth: {s['answer']})"), fontsize=8)
     if title:
         fig.suptitle(title)
+    # lay the panels out now and freeze them, so that a source line added under the figure afterwards
+    # (scope.vis.save_figure) lands below the panels and does not move them
+    fig.get_layout_engine().execute(fig)
+    fig.set_layout_engine("none")
     return fig
 
 

@@ -188,7 +188,7 @@ def test_static_grid_has_one_panel_per_question_and_setting(explorer):
     # per question: the unpruned model once + 2 pruned methods x 2 budgets = 5 panels; 2 questions
     assert len(fig.axes) == 2 * (1 + 2 * 2)
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles[0].startswith("All tokens, all 16 tokens")
+    assert titles[0].startswith("All tokens, 16 of 16\n")
     v = explorer.view(2, "scope", 4)
     assert titles[-1] == explore.panel_title(v, 16)
     assert f"“{v.answer}”" in titles[-1] and f"{100 * v.coverage:.0f}%" in titles[-1]
