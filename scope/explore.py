@@ -20,6 +20,7 @@ model answered from. Answers are kept per (image, method, budget, alpha) too.
 from __future__ import annotations
 
 import math
+import numbers
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -117,9 +118,9 @@ class Explorer:
     # ------------------------------------------------------------------------------------------ controls
 
     def _index(self, index) -> int:
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self):
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < len(self):
             raise ValueError(f"index={index!r} must be an int in [0, {len(self)})")
-        return index
+        return int(index)  # numpy and pandas integers too, as plain ints (cache keys)
 
     def check(self, index, method, budget, alpha=1.0, theta=0.9) -> tuple[int, str, int, float, float]:
         """The controls, checked: ``(index, method name, budget, alpha, theta)``; a ValueError naming the bad
@@ -130,16 +131,17 @@ class Explorer:
             raise ValueError(f"method={method!r} is not offered by the explorer; choose one of {offered}")
         method = get_method(method).name
         n = self.n_tokens
-        if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= n:
+        if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or not 1 <= budget <= n:
             raise ValueError(f"budget={budget!r} must be an int in [1, {n}] (tokens kept of the image's {n})")
+        budget = int(budget)
         if (
             isinstance(alpha, bool)
-            or not isinstance(alpha, int | float)
+            or not isinstance(alpha, numbers.Real)
             or not math.isfinite(alpha)
             or alpha < 0
         ):
             raise ValueError(f"alpha={alpha!r} must be a finite number >= 0")
-        if isinstance(theta, bool) or not isinstance(theta, int | float) or not 0 <= theta <= 1:
+        if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not 0 <= theta <= 1:
             raise ValueError(f"theta={theta!r} must be a number in [0, 1] (a cosine-similarity threshold)")
         if get_method(method).stage == NONE:
             budget = n

@@ -175,6 +175,18 @@ def test_bad_controls_raise_naming_the_value(explorer, kwargs, message):
         explorer.view(**controls)
 
 
+def test_numpy_numbers_are_fine_controls(explorer):
+    import numpy as np
+
+    assert explorer.check(np.int64(1), "scope", np.int64(4), np.float32(0.5), np.float64(0.8)) == (
+        1,
+        "scope",
+        4,
+        0.5,
+        pytest.approx(0.8),
+    )
+
+
 def test_bad_samples_raise(tiny):
     model, processor, samples = tiny
     with pytest.raises(ValueError, match="empty"):
