@@ -33,6 +33,7 @@ import torch
 from scope import notebook
 from scope.coverage import theta_coverage
 from scope.methods import NONE, PRE_LLM, UNPRUNED, get_method, names
+from scope.patch import patch
 from scope.report import method_label
 from scope.select import select
 
@@ -90,11 +91,8 @@ class Explorer:
 
     def prepare(self, indices: Sequence[int] | None = None, chunk: int = 16) -> None:
         """Run the vision tower on the images of ``indices`` (all by default) not seen yet, ``chunk`` at a time."""
-        todo = [
-            i
-            for i in (range(len(self)) if indices is None else indices)
-            if self._index(i) not in self._inputs
-        ]
+        wanted = [self._index(i) for i in (range(len(self)) if indices is None else indices)]
+        todo = [i for i in dict.fromkeys(wanted) if i not in self._inputs]
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
             feats, sal, keys = notebook.vision_inputs(
@@ -193,14 +191,15 @@ class Explorer:
     ) -> list[str]:
         """The model's greedy answers to the questions ``indices`` with ``method`` at ``budget`` installed by
         :func:`scope.patch` (nothing for the unpruned model), ``batch_size`` questions per generate call."""
-        import scope
         from scope.eval.generate import build_prompt, generate_answers
 
         if len(indices) == 0:
             raise ValueError("indices is empty; pass the questions to answer")
         checked = [self.check(i, method, budget, alpha) for i in indices]
         _, method, budget, alpha, _ = checked[0]
-        todo = [i for i, *_ in checked if (i, method, budget, alpha) not in self._answers]
+        options = self.options(method, alpha)
+        key = (method, budget, tuple(sorted(options.items())))  # alpha counts only for a method taking it
+        todo = list(dict.fromkeys(i for i, *_ in checked if (i, *key) not in self._answers))
         for start in range(0, len(todo), batch_size):
             part = todo[start : start + batch_size]
             prompts = [build_prompt(self.processor, self.samples[i]["question"]) for i in part]
@@ -208,12 +207,12 @@ class Explorer:
             if get_method(method).stage == NONE:
                 texts, _ = generate_answers(self.model, self.processor, prompts, images, self.max_new_tokens)
             else:
-                with scope.patch(self.model, method=method, budget=budget, **self.options(method, alpha)):
+                with patch(self.model, method=method, budget=budget, **options):
                     texts, _ = generate_answers(
                         self.model, self.processor, prompts, images, self.max_new_tokens
                     )
-            self._answers.update({(i, method, budget, alpha): t for i, t in zip(part, texts)})
-        return [self._answers[(i, method, budget, alpha)] for i, *_ in checked]
+            self._answers.update({(i, *key): t for i, t in zip(part, texts)})
+        return [self._answers[(i, *key)] for i, *_ in checked]
 
     def answer(self, index: int, method: str, budget: int, alpha: float = 1.0) -> str:
         """The model's answer to question ``index`` with ``method`` at ``budget`` (see :meth:`answers`)."""

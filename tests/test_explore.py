@@ -140,8 +140,9 @@ def test_answers_are_cached_and_batched_answers_match_single_ones(tiny, explorer
     monkeypatch.setattr(llava_patch, "select_rows", lambda *a: calls.append(1) or real(*a))
     explorer.answer(1, "scope", 4)
     assert calls == []  # answered from the cache, the model did not run
-    explorer.answer(1, "scope", 5)
-    assert calls == [1]  # another budget runs the model
+    explorer.answer(1, "saliency", 4, alpha=0.0)
+    explorer.answer(1, "saliency", 4, alpha=3.0)
+    assert calls == [1]  # another method runs the model; alpha does not matter to saliency-only
 
 
 def test_view_bundles_the_pieces(explorer):
