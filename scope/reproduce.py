@@ -27,9 +27,12 @@ from scope.paths import FIGURES_DIR, NOTEBOOKS_DIR, REPO_ROOT
 # (00b follows 00): sorting by name keeps that order, "--only 00b" selects it
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d[a-z]?)_[\w-]+\.ipynb$")
 # The kernels inherit these: nothing may try the network, tokenizers must not fork threads, and progress
-# bars (model loading, evaluation) would only clutter the executed notebooks.
+# bars (model loading, evaluation) would only clutter the executed notebooks. With ipywidgets installed
+# tqdm.auto draws notebook widgets, which ignore TQDM_DISABLE; the Hugging Face libraries' own switch
+# turns off theirs (transformers' "Loading weights").
 OFFLINE_ENV = {
     "TQDM_DISABLE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
