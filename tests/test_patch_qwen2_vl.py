@@ -300,3 +300,19 @@ def test_windowed_saliency_layer_is_refused():
         scope.patch(model, method="scope", budget=4, vision_layer=0)
     scope.patch(model, method="scope", budget=4, vision_layer=1)
     scope.unpatch(model)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_scope_load_picks_the_qwen_class_and_patches(tmp_path, version):
+    import transformers
+
+    model, processor = tiny_qwen2_vl(version=version)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)  # (reloads as its tokenizer here: the video processor needs torchvision)
+    loaded, _ = scope.load(str(tmp_path), device="cpu", method="scope", budget=0.25)
+    cls = (
+        transformers.Qwen2VLForConditionalGeneration
+        if version == "2"
+        else transformers.Qwen2_5_VLForConditionalGeneration
+    )
+    assert type(loaded) is cls and is_patched(loaded) and loaded._scope.budget == 0.25

@@ -73,6 +73,7 @@ __all__ = [
     "check_options",
     "tokens_to_keep",
     "saliency_layer",
+    "attention_scores",
     "vision_features",
     "keep_mask",
     "install",
@@ -135,8 +136,10 @@ def saliency_layer(model, vision_layer: int = -1) -> int:
     return layer
 
 
-def _attention_scores(module, hidden, cu_seqlens, position_embeddings, source: str):
-    """Per patch (tower order): the saliency ``source`` asks for, and the keys averaged over heads."""
+def attention_scores(module, hidden, cu_seqlens, position_embeddings, source: str):
+    """Saliency ``source`` (``"attention"`` or ``"mean_query"``) of every patch of ``hidden [n, width]`` (the
+    normalised input of the vision block whose attention ``module`` is, in tower order) and that block's keys
+    averaged over heads ``[n, head_dim]``. Each segment of ``cu_seqlens`` (one image) is scored on its own."""
     from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
     n = hidden.shape[0]
@@ -185,7 +188,7 @@ def vision_features(
     def hook(module, args, kwargs):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         source = "mean_query" if saliency_source == "norm" else saliency_source  # "norm" only needs the keys
-        got["score"], got["keys"] = _attention_scores(
+        got["score"], got["keys"] = attention_scores(
             module, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"], source
         )
 
