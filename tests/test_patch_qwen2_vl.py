@@ -308,7 +308,9 @@ def test_scope_load_picks_the_qwen_class_and_patches(tmp_path, version):
 
     model, processor = tiny_qwen2_vl(version=version)
     model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)  # (reloads as its tokenizer here: the video processor needs torchvision)
+    processor.save_pretrained(
+        tmp_path
+    )  # (reloads as its tokenizer here: the video processor needs torchvision)
     loaded, _ = scope.load(str(tmp_path), device="cpu", method="scope", budget=0.25)
     cls = (
         transformers.Qwen2VLForConditionalGeneration
