@@ -318,3 +318,21 @@ def test_scope_load_picks_the_qwen_class_and_patches(tmp_path, version):
         else transformers.Qwen2_5_VLForConditionalGeneration
     )
     assert type(loaded) is cls and is_patched(loaded) and loaded._scope.budget == 0.25
+
+
+@torch.no_grad()
+def test_compare_saliency_sources(qwen):
+    from scope.patch.qwen2_vl import compare_saliency_sources
+
+    model, processor = qwen
+    inputs = _two(processor)
+    rows = compare_saliency_sources(model, inputs.pixel_values, inputs.image_grid_thw, share=0.25)
+    assert [r["pair"] for r in rows[:3]] == ["attention~mean_query", "attention~norm", "mean_query~norm"]
+    assert [r["image"] for r in rows] == [0, 0, 0, 1, 1, 1]
+    for r in rows:
+        assert -1 <= r["spearman"] <= 1 and 0 <= r["top_overlap"] <= 1 and 0 < r["scope_jaccard"] <= 1
+    # by hand for one pair: the top-4 of two sources, overlap over k = floor(0.25 * 16) = 4
+    _, a, _ = vision_features(model, inputs.pixel_values, inputs.image_grid_thw, saliency_source="attention")
+    _, n, _ = vision_features(model, inputs.pixel_values, inputs.image_grid_thw, saliency_source="norm")
+    top_a, top_n = set(a[0].topk(4).indices.tolist()), set(n[0].topk(4).indices.tolist())
+    assert rows[1]["top_overlap"] == len(top_a & top_n) / 4

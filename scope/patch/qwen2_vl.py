@@ -76,6 +76,7 @@ __all__ = [
     "attention_scores",
     "vision_features",
     "keep_mask",
+    "compare_saliency_sources",
     "install",
     "uninstall",
 ]
@@ -208,6 +209,40 @@ def vision_features(
         score = merged.float().norm(dim=-1)
     sizes = (grid_thw.prod(-1) // unit).tolist()
     return list(merged.split(sizes)), list(score.split(sizes)), list(keys.split(sizes))
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    return x.argsort().argsort().double()
+
+
+@torch.no_grad()
+def compare_saliency_sources(
+    model, pixel_values, grid_thw, share: float = 0.25, vision_layer: int = -1
+) -> list:
+    """How far the saliency substitutes agree, image by image: for every pair of :data:`SALIENCY_SOURCES`,
+    the Spearman rank correlation, the overlap of their top-``share`` tokens, and the overlap of SCOPE's picks
+    at that share (Jaccard of the kept sets). Returns one dict per image and pair."""
+    from scope.select import select
+
+    got = {s: vision_features(model, pixel_values, grid_thw, vision_layer, s) for s in SALIENCY_SOURCES}
+    rows = []
+    for i, feats in enumerate(got["attention"][0]):
+        k = tokens_to_keep(share, feats.shape[0])
+        top = {s: set(got[s][1][i].topk(k).indices.tolist()) for s in SALIENCY_SOURCES}
+        picks = {s: set(select(feats, got[s][1][i], k, method="scope").tolist()) for s in SALIENCY_SOURCES}
+        for a_i, a in enumerate(SALIENCY_SOURCES):
+            for b in SALIENCY_SOURCES[a_i + 1 :]:
+                ra, rb = _ranks(got[a][1][i]), _ranks(got[b][1][i])
+                rows.append(
+                    {
+                        "image": i,
+                        "pair": f"{a}~{b}",
+                        "spearman": float(torch.corrcoef(torch.stack([ra, rb]))[0, 1]),
+                        "top_overlap": len(top[a] & top[b]) / k,
+                        "scope_jaccard": len(picks[a] & picks[b]) / len(picks[a] | picks[b]),
+                    }
+                )
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------
