@@ -336,3 +336,20 @@ def test_compare_saliency_sources(qwen):
     _, n, _ = vision_features(model, inputs.pixel_values, inputs.image_grid_thw, saliency_source="norm")
     top_a, top_n = set(a[0].topk(4).indices.tolist()), set(n[0].topk(4).indices.tolist())
     assert rows[1]["top_overlap"] == len(top_a & top_n) / 4
+
+
+def test_a_trainable_tower_under_a_patch_is_refused(qwen):
+    model, processor = qwen
+    inputs = _two(processor)
+    model.train()
+    try:
+        with scope.patch(model, "scope", 0.25):
+            with pytest.raises(RuntimeError, match="without gradients"):
+                model(**inputs)
+            model.model.visual.requires_grad_(False)
+            model(**inputs).logits.sum().backward()  # the LLM still trains
+            assert model.model.language_model.layers[0].mlp.up_proj.weight.grad is not None
+    finally:
+        model.eval()
+        model.zero_grad(set_to_none=True)
+        model.model.visual.requires_grad_(True)

@@ -44,7 +44,7 @@ put back in raster order exactly as the merger output is.
 
 Features: the merged tokens (merger output, the embeddings the LLM reads). LLaVA's SCOPE measures coverage on
 the pre-projector CLIP features; Qwen's merger is its projector, and its input holds 4 patches per token, so
-the merged tokens are the natural unit (DivPrune prunes the same rows on Qwen2-VL).
+the merged tokens are the natural unit (the rows that enter the LLM, as for every method on this path).
 
 VisionZip needs CLS attention by definition; here it runs with the same substitute saliency for its dominant
 tokens and the merged tokens' keys (mean of their 4 patches' keys, mean over heads) as its merge metric; a
