@@ -47,13 +47,18 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _model_class(config):
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+    import transformers
 
-    classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
+    classes = {
+        "llava": transformers.LlavaForConditionalGeneration,
+        "llava_next": transformers.LlavaNextForConditionalGeneration,
+        "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+        "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+    }
     if config.model_type not in classes:
         raise ValueError(
-            f"scope.load supports LLaVA (model_type 'llava') and LLaVA-NeXT ('llava_next') checkpoints, "
-            f"got model_type={config.model_type!r}"
+            f"scope.load supports LLaVA ('llava'), LLaVA-NeXT ('llava_next'), Qwen2-VL ('qwen2_vl') and "
+            f"Qwen2.5-VL ('qwen2_5_vl') checkpoints, got model_type={config.model_type!r}"
         )
     return classes[config.model_type]
 
@@ -136,7 +141,8 @@ def load(
     protocol: str | None = None,
     **from_pretrained_kwargs: Any,
 ):
-    """Load a LLaVA or LLaVA-NeXT checkpoint and its processor; patch it when ``method`` is given.
+    """Load a LLaVA, LLaVA-NeXT, Qwen2-VL or Qwen2.5-VL checkpoint and its processor; patch it when ``method``
+    is given.
 
     Args:
         model_id_or_path: a hub id (``"llava-hf/llava-1.5-7b-hf"``), a local ``save_pretrained``
@@ -161,7 +167,7 @@ def load(
         FileNotFoundError: the embedded checkpoint is not built yet (run ``make model``), or a hub id is not
             cached while downloads are off.
         ConnectionError: a hub id is not cached and the hub cannot be reached.
-        ValueError: the checkpoint is not a LLaVA / LLaVA-NeXT model, or a bad ``device`` / ``dtype``.
+        ValueError: the checkpoint is not one of those families, or a bad ``device`` / ``dtype``.
     """
     kwargs = dict(from_pretrained_kwargs)
     # a device_map or a quantized load places the weights itself (bitsandbytes models refuse .to)

@@ -1,4 +1,4 @@
-"""Tiny LLaVA / LLaVA-NeXT models and processors built offline from configs, for tests and examples.
+"""Tiny LLaVA / LLaVA-NeXT / Qwen2-VL models and processors built offline from configs, for tests and examples.
 
 Nothing here touches the network: the tokenizer is a word-level vocabulary built in memory, the image
 processors are the PIL backends (no torchvision), weights are random but reproducible from ``seed``.
@@ -21,6 +21,7 @@ __all__ = [
     "tiny_tokenizer",
     "tiny_llava",
     "tiny_llava_next",
+    "tiny_qwen2_vl",
     "tiny_images",
     "chat_prompt",
 ]
@@ -107,6 +108,91 @@ def tiny_llava_next(
     s = image_size
     pinpoints = grid_pinpoints or ((s, 2 * s), (2 * s, s), (2 * s, 2 * s))
     return _build(seed, image_size, patch_size, text_layers, vision_layers, attn_implementation, pinpoints)
+
+
+# Qwen2-VL's special tokens (the tiny tokenizer's "<image>" plays <|image_pad|>: the processor reads
+# tokenizer.image_token); a Qwen-like chat format "USER: <|vision_start|><image><|vision_end|> q ASSISTANT:"
+QWEN_SPECIAL = ("<|vision_start|>", "<|vision_end|>", "<|video_pad|>")
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|vision_start|><image><|vision_end|>"
+    "{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %} {{ c['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def tiny_qwen2_vl(
+    seed: int = 0,
+    version: str = "2",
+    patch_size: int = 4,
+    text_layers: int = 2,
+    vision_layers: int = 3,
+    max_pixels: int = 64 * 64,
+    attn_implementation: str = "sdpa",
+):
+    """A tiny ``Qwen2VLForConditionalGeneration`` (``version="2"``) or ``Qwen2_5_VLForConditionalGeneration``
+    (``"2.5"``) and its processor, built offline with the published 7B layouts' structure at toy sizes.
+
+    Native resolution as the real models: an image is resized to multiples of ``2 * patch_size`` (8 px)
+    between ``min_pixels = 16 * 16`` and ``max_pixels``, cut into patches, and every 2x2 patch block is merged
+    into one visual token: a 32x32 image gives 16 tokens, 48x32 gives 24. M-RoPE with ``mrope_section``
+    (2, 3, 3) over a 16-dim head, grouped-query attention (4 heads, 2 key-value heads). Qwen2.5-VL: windowed
+    vision attention (windows of 2x2 merged tokens) except in the full-attention blocks 1 and the last.
+    """
+    import transformers
+    from transformers import AutoModelForImageTextToText, Qwen2VLImageProcessorPil
+
+    if version not in ("2", "2.5"):
+        raise ValueError(f"version must be '2' or '2.5', got version={version!r}")
+    tok = tiny_tokenizer(extra_words=QWEN_SPECIAL)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<image>", *QWEN_SPECIAL)}
+    text = dict(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    vision = dict(
+        depth=vision_layers, num_heads=4, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2
+    )
+    if version == "2":
+        cls = transformers.Qwen2VLConfig
+        vision.update(embed_dim=32, mlp_ratio=2, hidden_size=64)
+    else:
+        cls = transformers.Qwen2_5_VLConfig
+        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=4 * patch_size,
+                      fullatt_block_indexes=[1, vision_layers - 1])  # fmt: skip
+    config = cls(
+        text_config=text, vision_config=vision, image_token_id=ids["<image>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    model.set_attn_implementation(attn_implementation)
+    factor = 2 * patch_size
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=patch_size, merge_size=2, temporal_patch_size=2,
+        size={"shortest_edge": (2 * factor) ** 2, "longest_edge": max_pixels},
+    )  # fmt: skip
+    base = transformers.Qwen2VLProcessor if version == "2" else transformers.Qwen2_5_VLProcessor
+    processor = _images_only(base)(image_processor, tok, chat_template=QWEN_CHAT_TEMPLATE)
+    return model, processor
+
+
+def _images_only(base):
+    """``base`` (a Qwen-VL processor class) without its video processor, which needs torchvision (not a
+    dependency): the tiny models see images only."""
+
+    class ImageOnlyProcessor(base):
+        @classmethod
+        def get_attributes(cls):
+            return ["image_processor", "tokenizer"]
+
+    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = f"{base.__name__}ImagesOnly"
+    return ImageOnlyProcessor
 
 
 def tiny_images(n: int, size: tuple[int, int] = (32, 32), seed: int = 0) -> list[Image.Image]:

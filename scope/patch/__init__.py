@@ -10,7 +10,9 @@
 
 Methods (the registry, :mod:`scope.methods`, says which is which):
 - pre-LLM methods (SCOPE and the selection baselines) prune *before* the LLM (:mod:`scope.patch.llava`,
-  :mod:`scope.patch.llava_next`): ``budget`` = tokens per image (LLaVA-NeXT: split over crops);
+  :mod:`scope.patch.llava_next`): ``budget`` = tokens per image (LLaVA-NeXT: split over crops); on Qwen2-VL /
+  Qwen2.5-VL (:mod:`scope.patch.qwen2_vl`) merged tokens per image, or a float share of each image's tokens,
+  each kept token keeping its original M-RoPE position;
 - the unpruned method ``"none"`` patches nothing in the computation but goes through the same code path
   (a control);
 - in-LLM methods (FastV, PDrop) drop visual tokens *inside* the LLM (:mod:`scope.patch.in_llm`):
@@ -72,7 +74,11 @@ __all__ = [
 ]
 
 # options of the patch itself (not of the method), by model family
-_FAMILY_OPTIONS = {"llava": (), "llava_next": ("keep_newlines",)}
+_FAMILY_OPTIONS = {
+    "llava": (),
+    "llava_next": ("keep_newlines",),
+    "qwen2_vl": ("saliency_source", "vision_layer"),  # scope.patch.qwen2_vl.OPTIONS
+}
 
 
 def method_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -99,15 +105,23 @@ class _Handle:
 
 
 def _family(model) -> str:
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+    from transformers import (
+        LlavaForConditionalGeneration,
+        LlavaNextForConditionalGeneration,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLForConditionalGeneration,
+    )
 
+    if isinstance(model, (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)):
+        return "qwen2_vl"
     if isinstance(model, LlavaNextForConditionalGeneration):  # check first: not a subclass, but be explicit
         return "llava_next"
     if isinstance(model, LlavaForConditionalGeneration):
         return "llava"
     raise ValueError(
-        f"scope.patch supports LlavaForConditionalGeneration and LlavaNextForConditionalGeneration, "
-        f"got model of type {type(model).__name__}"
+        f"scope.patch supports LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
+        f"Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration, got model of type "
+        f"{type(model).__name__}"
     )
 
 
@@ -124,6 +138,8 @@ def _check(model, family: str, method: str, budget: int | None, options: dict[st
     if not isinstance(method, str):
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(names())}")
     record = get_method(method)
+    if family == "qwen2_vl":
+        return _check_qwen(model, record, budget, options)
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
         raise ValueError(f"budget must be a positive int, got budget={budget!r}")
     family_opts = [k for k in options if k in _FAMILY_OPTIONS[family]]
@@ -142,6 +158,30 @@ def _check(model, family: str, method: str, budget: int | None, options: dict[st
     else:
         if budget is None:
             raise ValueError(f"method {method!r} needs a budget (visual tokens per image), got None")
+        record.check_options(own)
+    return record
+
+
+def _check_qwen(model, record, budget, options: dict[str, Any]):
+    from . import qwen2_vl
+
+    if record.stage == IN_LLM:
+        raise ValueError(f"in-LLM method {record.name!r} supports LLaVA models only, not Qwen-VL")
+    share = isinstance(budget, float) and 0 < budget <= 1
+    count = isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1
+    if budget is not None and not (share or count):
+        raise ValueError(
+            f"budget must be a positive int (tokens per image) or a float in (0, 1] (a share of each image's "
+            f"tokens), got budget={budget!r}"
+        )
+    if budget is None and record.stage != NONE:
+        raise ValueError(f"method {record.name!r} needs a budget (visual tokens per image), got None")
+    qwen2_vl.check_options(model, options)
+    own = {k: v for k, v in options.items() if k not in qwen2_vl.OPTIONS}
+    if record.stage == NONE:
+        if own:
+            raise ValueError(f"method {record.name!r} takes no options, got {sorted(own)}")
+    else:
         record.check_options(own)
     return record
 
@@ -169,7 +209,12 @@ def patch(model, method: str = "scope", budget: int | None = 64, **options: Any)
     record = _check(model, family, method, budget, options)
     if is_patched(model):
         unpatch(model)
-    if record.stage == IN_LLM:
+    if family == "qwen2_vl":
+        from . import qwen2_vl
+
+        state = PatchState(record.name, budget, dict(options), family)
+        qwen2_vl.install(model, state)
+    elif record.stage == IN_LLM:
         from . import in_llm
 
         state = PatchState(record.name, budget, dict(options), "in_llm")
@@ -198,6 +243,10 @@ def unpatch(model) -> None:
         from . import in_llm
 
         in_llm.uninstall(model, state)
+    elif state.family == "qwen2_vl":
+        from . import qwen2_vl
+
+        qwen2_vl.uninstall(model, state)
     else:
         from . import llava
 
