@@ -136,7 +136,8 @@ def test_loading_keys_go_to_scope_load_and_options_to_the_patch(plugin, fake_loa
         }
     ]
     state = lm.model._scope
-    assert (state.method, state.budget, state.options) == ("scope", 4, {"alpha": 0.5})
+    # a hub id defaults to the paper protocol: the authors' float16 selection arithmetic, the user's alpha
+    assert (state.method, state.budget, state.options) == ("scope", 4, {"precision": "float16", "alpha": 0.5})
     assert lm.batch_size == 2 and lm.device == torch.device("cpu")
     # device_map: the model stays where from_pretrained put it
     plugin.ScopeLlava(method="none", device_map="cpu")

@@ -2,7 +2,7 @@
 
 A pre-LLM patch shortens the prompt (dropped visual placeholders), so it has to read the caller's arguments
 by name, keep ``generate``'s length limits meaning what the caller meant, and hand back the caller's own
-prompt in front of the new tokens. :mod:`scope.patch.qwen2_vl` uses these.
+prompt in front of the new tokens. :mod:`scope.patch.llava` (and so LLaVA-NeXT) and :mod:`scope.patch.qwen2_vl` use these.
 """
 
 from __future__ import annotations

@@ -30,7 +30,6 @@ Shapes the caller sees: ``forward`` returns logits for the *collapsed* sequence 
 from __future__ import annotations
 
 import functools
-import inspect
 import zlib
 from typing import Any
 
@@ -40,6 +39,7 @@ from scope.methods import NONE, get_method
 from scope.select import Pruned, prune
 
 from .cache import cached_vision_features
+from .calls import bind_call, restore_prompt, shift_lengths
 from .state import PatchState, left_pack
 
 __all__ = ["vision_features", "pixel_ids", "select_rows", "collapse_placeholders", "install", "uninstall"]
@@ -270,14 +270,6 @@ def _refuse_tower_training(model) -> None:
         )
 
 
-def _bind(fn, args, kwargs) -> dict[str, Any]:
-    sig = inspect.signature(fn)
-    bound = sig.bind_partial(*args, **kwargs)
-    out = dict(bound.arguments)
-    out.update(out.pop("kwargs", {}))
-    return out
-
-
 def _prepare(model, state: PatchState, call: dict[str, Any], encode, for_generate: bool) -> dict[str, Any]:
     """Replace pixel inputs in ``call`` by pruned ``mm_encoder_outputs`` and collapsed ids/mask."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -325,7 +317,7 @@ def install(model, state: PatchState, encode=pruned_image_features) -> None:
     @functools.wraps(orig_forward)
     def forward(*args, **kwargs):
         _refuse_tower_training(model)
-        call = _bind(orig_forward, args, kwargs)
+        call = bind_call(orig_forward, args, kwargs)
         pv = call.get("pixel_values")
         if pv is None or pv.numel() == 0:
             return orig_forward(**call)
@@ -343,35 +335,12 @@ def install(model, state: PatchState, encode=pruned_image_features) -> None:
         if call.get("attention_mask") is None:
             call.pop("attention_mask")
         shrink = prompt.shape[1] - call["input_ids"].shape[1]
-        _shift_lengths(call, generation_config or model.generation_config, shrink)
+        shift_lengths(call, generation_config or model.generation_config, shrink)
         out = orig_generate(generation_config=generation_config, **call)
-        return _restore_prompt(out, prompt, call["input_ids"].shape[1])
+        return restore_prompt(out, prompt, call["input_ids"].shape[1])
 
     model.forward = forward
     model.generate = generate
-
-
-def _shift_lengths(call: dict, config, shrink: int) -> None:
-    """Keep the stopping rules of unpatched ``generate``: ``max_length`` / ``min_length`` count the prompt,
-    which just got ``shrink`` tokens shorter, so they shrink with it unless new-token counts are given (in
-    the call or in the generation config)."""
-    for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
-        if call.get(new) is not None or (call.get(total) is None and getattr(config, new, None) is not None):
-            continue
-        value = call.get(total, getattr(config, total, None))
-        if value:
-            call[total] = max(0, value - shrink)
-
-
-def _restore_prompt(out, prompt: torch.Tensor, collapsed_len: int):
-    """Put the caller's own prompt back in front of the generated tokens."""
-    seq = out if isinstance(out, torch.Tensor) else out.sequences
-    reps = seq.shape[0] // prompt.shape[0]
-    full = torch.cat([prompt.repeat_interleave(reps, 0).to(seq.device), seq[:, collapsed_len:]], dim=1)
-    if isinstance(out, torch.Tensor):
-        return full
-    out.sequences = full
-    return out
 
 
 def uninstall(model, state: PatchState) -> None:
