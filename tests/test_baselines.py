@@ -299,6 +299,8 @@ def test_float32_stays_the_default():
     assert paper_options("scope", 64, "llava") == {"precision": "float16"}
     assert paper_options("divprune", 64, "llava") == {"feature_space": "projected", "precision": "float16"}
     assert paper_options("random", 64, "llava") == {}
+    # Qwen-VL (Table 8): no authors' code to take settings from, so the paper protocol keeps our defaults
+    assert paper_options("scope", 64, "qwen2_vl") == {} and paper_options("divprune", 0.25, "qwen2_5_vl") == {}
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -287,9 +287,9 @@ def _pruned_images(model, state: PatchState, pixel_values, grid_thw):
     pixels = pixel_values.split(patches)
     rows, kept = [], []
     for i, (f, s, k, b) in enumerate(zip(feats, sal, keys, budgets)):
-        idx, r = select_rows(f[None], s[None], k[None], b, state.method, options, pixels[i].reshape(1, -1))
-        kept.append(idx[0])
-        rows.append(r[0])
+        out = select_rows(f[None], s[None], k[None], b, state.method, options, pixels[i].reshape(1, -1))
+        kept.append(out.indices[0])
+        rows.append(out.features[0])
     state.last = {"tokens_per_image": budgets, "indices": kept, "n_tokens": sizes}
     return rows, kept, sizes
 
