@@ -45,6 +45,7 @@ __all__ = [
     "is_unpruned",
     "from_paper_label",
     "PDROP_PRESETS",
+    "SPARSEVLM_PRESETS",
     "VISIONZIP_CONTEXTUAL",
     "paper_options",
 ]
@@ -348,6 +349,19 @@ def _stages(x) -> bool:
     )
 
 
+def _rating_stages(x) -> bool:
+    # SparseVLM [(rating layer, top-k), ...]: layers increasing from 0, every count >= 1
+    pairs = [tuple(p) for p in x]
+    layers = [_number(p[0]) for p in pairs if len(p) == 2]
+    return (
+        bool(pairs)
+        and len(layers) == len(pairs)
+        and all(_int(0)(v) for v in layers)
+        and layers == sorted(set(layers))
+        and all(_int(1)(p[1]) for p in pairs)
+    )
+
+
 def _ratio(x) -> bool:
     v = _number(x)
     return v is not None and 0 < v < 1
@@ -454,6 +468,18 @@ BUILTIN = (
         },
         compact_positions=True, budget_optional=True, aliases=("pyramiddrop",),
     ),
+    Method(
+        "sparsevlm", IN_LLM, "SparseVLM", "SparseVLM", "#7f3c8d", "h",  # the palette is taken: a purple
+        plan="scope.patch.sparsevlm:sparsevlm_plan",
+        options={
+            "layers": Option(None, _optional(lambda x: _layers([v + 1 for v in x])),
+                             "None or increasing ints >= 0 (the rating layers)"),
+            "stages": Option(None, _optional(_rating_stages),
+                             "None or [(rating layer, top-k), ...], layers increasing >= 0"),
+            "recycle": Option(True, _bool, "True or False"),
+        },
+        compact_positions=True, budget_optional=True,
+    ),
 )  # fmt: skip
 
 for _m in BUILTIN:
@@ -495,6 +521,16 @@ PDROP_PRESETS: dict[tuple[str, int], tuple[tuple[int, int], ...]] = {
     ("llava_next", 160): ((1, 136), (6, 100), (16, 44)),
 }
 
+# SparseVLM of the paper on LLaVA-1.5: (rating layer, top-k visual tokens kept after it) per budget, the
+# authors' ``sparse_token_list_{192,128,64}`` at ``pruning_loc = [2, 6, 15]`` (Gumpest/SparseVLMs,
+# llava/model/language_model/score.py). Layer b rates and is the last to see the previous count; recycled
+# clusters come on top of k (scope.patch.sparsevlm). The authors publish no LLaVA-NeXT schedule.
+SPARSEVLM_PRESETS: dict[tuple[str, int], tuple[tuple[int, int], ...]] = {
+    ("llava", 64): ((2, 66), (6, 30), (15, 17)),
+    ("llava", 128): ((2, 303), (6, 110), (15, 36)),
+    ("llava", 192): ((2, 300), (6, 200), (15, 110)),
+}
+
 # VisionZip contextual tokens per budget as the SCOPE authors ran it (kinredon/SCOPE,
 # LLaVA/llava/model/builder.py, ``context_dict``); the other budgets equal our default round(10 K / 64).
 # On LLaVA-NeXT the authors divide both counts by the crops (+0.5, rounded down), which our per-crop rule
@@ -510,7 +546,8 @@ def paper_options(method: str, budget: int | None, family: str) -> dict[str, Any
     """The options of ``method`` that reproduce the authors' runs of the paper on ``family`` ("llava" or
     "llava_next") at ``budget``: PDrop's stage preset (an error names a budget without one), VisionZip's
     feeding order, contextual split and kept CLS token, DivPrune's projected features and float16
-    arithmetic, SCOPE's (and its variants') float16 arithmetic; ``{}`` for the other methods.
+    arithmetic, SCOPE's (and its variants') float16 arithmetic, SparseVLM's LLaVA-1.5 schedule (other
+    budgets and LLaVA-NeXT: ``{}``, our budget rule); ``{}`` for the other methods.
     """
     if family in _FAMILIES_WITHOUT_SETTINGS:
         return {}
@@ -526,6 +563,9 @@ def paper_options(method: str, budget: int | None, family: str) -> dict[str, Any
                 f"no PDrop preset of the authors for {family} at budget={budget!r}; presets exist at {known}"
             )
         return {"stages": [list(p) for p in preset]}  # lists: what config.json gives back
+    if name == "sparsevlm":
+        preset = SPARSEVLM_PRESETS.get((family, budget))
+        return {} if preset is None else {"stages": [list(p) for p in preset]}
     if name == "visionzip":
         out: dict[str, Any] = {"order": "official", "keep_cls": True}
         if family == "llava" and budget in VISIONZIP_CONTEXTUAL:

@@ -127,7 +127,7 @@ def test_unknown_options_fail_inside_patch_and_leave_the_model_unpatched():
 
 def test_stages_aliases_and_unpruned():
     assert set(names(PRE_LLM)) >= {"scope", "coverage", "saliency", "random", "uniform", "divprune"}
-    assert names(IN_LLM) == ["fastv", "pdrop"] and names(NONE) == ["none"]
+    assert names(IN_LLM) == ["fastv", "pdrop", "sparsevlm"] and names(NONE) == ["none"]
     assert get_method("vanilla") is get_method("none") and is_unpruned("full") and is_unpruned(None)
     assert not is_unpruned("scope")
     assert get_method("scope").needs_saliency({}) and not get_method("scope").needs_saliency({"alpha": 0.0})
@@ -152,8 +152,9 @@ def test_figure_colours_and_markers_come_from_the_registry():
 
 def test_paper_labels_map_to_our_names_and_unknown_methods_keep_the_papers_spelling():
     assert from_paper_label("PyramidDrop") == "pdrop" and from_paper_label("Vanilla 13B (CVPR'24)") == "none"
-    assert from_paper_label("SparseVLM (ICML'25)") == "SparseVLM"
-    assert vis.method_label(from_paper_label("SparseVLM")) == "SparseVLM"
+    assert from_paper_label("SparseVLM (ICML'25)") == "sparsevlm"
+    assert from_paper_label("TokenMix (ICML'25)") == "TokenMix"  # a method we do not have
+    assert vis.method_label(from_paper_label("TokenMix")) == "TokenMix"
 
 
 def test_a_registered_name_wins_over_another_methods_alias():

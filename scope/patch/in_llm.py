@@ -14,6 +14,8 @@ token pays to the image tokens:
   ``budget=None`` stage s keeps ``int(N * ratio ** s)`` as in the paper. ``stages=[(layer, keep), ...]``
   sets drop layers and absolute counts directly, as the SCOPE authors ran PDrop† (e.g. LLaVA-1.5 at 64:
   layers 2 / 6 / 16 keeping 66 / 30 / 17, about 64 visual tokens per layer on average).
+- SparseVLM: its own ranking (text raters) and keep (token recycling) through a :class:`Stage`'s ``rank`` /
+  ``reduce`` hooks, see :mod:`scope.patch.sparsevlm`.
 
 How it runs inside transformers 5.x without giving up SDPA:
 
@@ -67,9 +69,20 @@ _CACHE_KEY = "_scope_in_llm"
 
 @dataclass
 class Stage:
+    """One drop point. ``rank`` / ``reduce`` let a method replace the last-token ranking and the top-k keep
+    (SparseVLM, :mod:`scope.patch.sparsevlm`, rates by text raters and recycles pruned tokens):
+
+    - ``rank(layer, hidden, cos_sin, run) -> scores [B, L]``: ``layer`` is the score layer, ``hidden`` its
+      input, ``run`` the call's :class:`_Run` (current packing in ``valid`` / ``seg`` / ``orig``);
+    - ``reduce(run, stage, scores, hidden) -> (src, valid, hidden)``: the packing of the next layer's rows
+      (as :func:`scope.patch.state.left_pack` returns it) and the hidden states to gather them from.
+    """
+
     layer: int  # first layer that sees the reduced sequence
     score_layer: int  # whose attention ranks the visual tokens
-    keep: Callable[[int], int]  # tokens of an image of n_visual (original) tokens kept from this stage on
+    keep: Callable[[int], int]  # visual tokens of an image of n_visual (original) tokens from this stage on
+    rank: Callable | None = None
+    reduce: Callable | None = None
 
 
 def fastv_plan(budget: int | None, num_layers: int, layer: int = 2) -> list[Stage]:
@@ -148,6 +161,8 @@ class _Run:
     n_images: torch.Tensor | None = None
     first_seg: torch.Tensor | None = None  # seg / valid before any drop (original image runs)
     first_valid: torch.Tensor | None = None
+    embeds: torch.Tensor | None = None  # [B, L, D] input of layer 0 (SparseVLM picks its raters there)
+    memo: dict[str, Any] = field(default_factory=dict)  # what a Stage's rank computes once per call
 
     def to(self, device: torch.device) -> None:
         """Move every tensor of the run to ``device`` (layers of a ``device_map`` model live on several)."""
@@ -326,12 +341,12 @@ class InLLMPatch:
             self.start(run, hidden, kwargs)
         if run.pruned:  # mask / positions / RoPE of the current (packed) stage
             kwargs.update(run.kwargs)
-        if i in self.score_layers:
-            run.score_input = (hidden, kwargs["position_embeddings"])
         if i in self.by_layer:
             stage_no, stage = self.by_layer[i]
             hidden = self.drop(i, stage_no, stage, hidden, kwargs, cache)
             kwargs.update(run.kwargs)
+        if i in self.score_layers:  # after a drop here: a later stage may rate on this layer's reduced input
+            run.score_input = (hidden, kwargs["position_embeddings"])
         run.counts.append(((run.seg >= 0) & run.valid).sum(1))
         return hidden
 
@@ -344,6 +359,7 @@ class InLLMPatch:
         run.pos = kwargs["position_ids"].expand(B, L)
         run.n_images = (run.seg.amax(1) + 1).clamp(min=0)
         run.first_seg, run.first_valid = run.seg, run.valid
+        run.embeds = hidden
 
     def keep_mask(self, run: _Run, stage: Stage, scores: torch.Tensor) -> torch.Tensor:
         """Valid text slots, plus each image's ``stage.keep`` best-scored visual slots."""
@@ -360,12 +376,15 @@ class InLLMPatch:
 
     def drop(self, i: int, stage_no: int, stage: Stage, hidden, kwargs: dict, cache) -> torch.Tensor:
         run = self.run
-        if stage.score_layer == i:
-            scores = last_token_attention(self.layers[i], hidden, kwargs["position_embeddings"], run.valid)
-        else:
-            h_in, cos_sin = run.score_input
+        h_in, cos_sin = (hidden, kwargs["position_embeddings"]) if stage.score_layer == i else run.score_input
+        if stage.rank is None:
             scores = last_token_attention(self.layers[stage.score_layer], h_in, cos_sin, run.valid)
-        src, valid = left_pack(self.keep_mask(run, stage, scores))
+        else:
+            scores = stage.rank(self.layers[stage.score_layer], h_in, cos_sin, run)
+        if stage.reduce is None:
+            src, valid = left_pack(self.keep_mask(run, stage, scores))
+        else:
+            src, valid, hidden = stage.reduce(run, stage, scores, hidden)
         hidden = hidden.gather(1, src[..., None].expand(-1, -1, hidden.shape[-1]))
         run.seg = torch.where(valid, run.seg.gather(1, src), torch.full_like(src, -1))
         run.orig = torch.where(valid, run.orig.gather(1, src), torch.full_like(src, -1))
