@@ -54,11 +54,13 @@ def _model_class(config):
         "llava_next": transformers.LlavaNextForConditionalGeneration,
         "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
         "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+        "video_llava": transformers.VideoLlavaForConditionalGeneration,
     }
     if config.model_type not in classes:
         raise ValueError(
-            f"scope.load supports LLaVA ('llava'), LLaVA-NeXT ('llava_next'), Qwen2-VL ('qwen2_vl') and "
-            f"Qwen2.5-VL ('qwen2_5_vl') checkpoints, got model_type={config.model_type!r}"
+            f"scope.load supports LLaVA ('llava'), LLaVA-NeXT ('llava_next'), Qwen2-VL ('qwen2_vl'), "
+            f"Qwen2.5-VL ('qwen2_5_vl') and Video-LLaVA ('video_llava') checkpoints, got "
+            f"model_type={config.model_type!r}"
         )
     return classes[config.model_type]
 

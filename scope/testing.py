@@ -1,4 +1,4 @@
-"""Tiny LLaVA / LLaVA-NeXT / Qwen2-VL models and processors built offline from configs, for tests and examples.
+"""Tiny LLaVA / LLaVA-NeXT / Qwen2-VL / Video-LLaVA models and processors built offline from configs, for tests and examples.
 
 Nothing here touches the network: the tokenizer is a word-level vocabulary built in memory, the image
 processors are the PIL backends (no torchvision), weights are random but reproducible from ``seed``.
@@ -22,7 +22,9 @@ __all__ = [
     "tiny_llava",
     "tiny_llava_next",
     "tiny_qwen2_vl",
+    "tiny_video_llava",
     "tiny_images",
+    "tiny_video",
     "chat_prompt",
 ]
 
@@ -34,19 +36,20 @@ WORDS = (
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 
 
-def tiny_tokenizer(extra_words: tuple[str, ...] = ()):
-    """A fast word-level tokenizer with ``<image>`` registered as a special token (no network).
+def tiny_tokenizer(extra_words: tuple[str, ...] = (), extra_special: tuple[str, ...] = ()):
+    """A fast word-level tokenizer with ``<image>`` (and ``extra_special``) registered as special tokens, so
+    glued copies split (no network).
 
     Words split on whitespace; unknown words map to ``<unk>``. Padding is on the left, as generation needs.
     """
     from tokenizers import pre_tokenizers
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL)}
-    for word in (*WORDS, *extra_words):
+    for word in (*extra_special, *WORDS, *extra_words):
         vocab.setdefault(word, len(vocab))
     from scope.mini.model import CHAT_TEMPLATE, word_tokenizer  # transformers loads on first use, not import
 
-    tok = word_tokenizer(vocab, pre_tokenizers.WhitespaceSplit(), SPECIAL)
+    tok = word_tokenizer(vocab, pre_tokenizers.WhitespaceSplit(), SPECIAL + list(extra_special))
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -193,6 +196,96 @@ def _images_only(base):
 
     ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = f"{base.__name__}ImagesOnly"
     return ImageOnlyProcessor
+
+
+def tiny_video_llava(
+    seed: int = 0,
+    image_size: int = 32,
+    patch_size: int = 8,
+    text_layers: int = 2,
+    vision_layers: int = 3,
+    attn_implementation: str = "sdpa",
+):
+    """A tiny ``VideoLlavaForConditionalGeneration`` and its ``VideoLlavaProcessor``, built offline from the
+    published config (``data/configs/video-llava-7b``) with only the sizes shrunk.
+
+    Two CLIP towers (image, video), features of layer -2: an image gives ``(image_size / patch_size) ** 2``
+    tokens (16 by default, CLS dropped), every video frame that many plus its CLS (17). Prompts use the
+    checkpoint's format, ``"USER: <video>\nwhat is in the image ? ASSISTANT:"``. The processor's video part
+    runs the image processor frame by frame (the real video processor needs torchvision, not a dependency):
+    ``processor(text=..., videos=[tiny_video(4)], return_tensors="pt")``.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText, CLIPImageProcessorPil
+
+    from scope.paths import CONFIGS_DIR
+
+    tok = tiny_tokenizer(extra_special=("<video>",))
+    config = AutoConfig.from_pretrained(CONFIGS_DIR / "video-llava-7b")
+    v, t = config.vision_config, config.text_config
+    for key, value in dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                           num_attention_heads=4, image_size=image_size, patch_size=patch_size,
+                           projection_dim=32).items():  # fmt: skip
+        setattr(v, key, value)
+    for key, value in dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id).items():  # fmt: skip
+        setattr(t, key, value)
+    config.image_token_id = tok.convert_tokens_to_ids("<image>")
+    config.video_token_id = tok.convert_tokens_to_ids("<video>")
+    config.pad_token_id = tok.pad_token_id
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config).float().eval()  # the config says bfloat16
+    model.set_attn_implementation(attn_implementation)
+    crop = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
+    frames = CLIPImageProcessorPil(**crop, do_center_crop=True)
+    processor_cls, video_processor = _frame_video_processor(frames)
+    processor = processor_cls(
+        image_processor=frames, video_processor=video_processor, tokenizer=tok,
+        patch_size=patch_size, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )  # fmt: skip
+    return model, processor
+
+
+def _frame_video_processor(frames):
+    """(a ``VideoLlavaProcessor`` subclass, a video processor running the image processor ``frames`` on
+    every frame): transformers' own video processors need torchvision, which is not a dependency."""
+    import transformers
+    from transformers.video_processing_utils import VideoProcessorMixin
+
+    class FrameVideoProcessor(VideoProcessorMixin):
+        def __init__(self, frames):
+            super().__init__()
+            self.frames = frames
+
+        def preprocess(self, videos, return_tensors=None, **kwargs):
+            clips = [self.frames(list(v), return_tensors="pt")["pixel_values"] for v in videos]
+            return transformers.BatchFeature({"pixel_values_videos": torch.stack(clips)}, tensor_type=return_tensors)
+
+    class FramesVideoLlavaProcessor(transformers.VideoLlavaProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and isinstance(argument, FrameVideoProcessor):
+                return FrameVideoProcessor  # transformers looks video processors up only with torchvision
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return FramesVideoLlavaProcessor, FrameVideoProcessor(frames)
+
+
+def tiny_video(n_frames: int = 4, size: tuple[int, int] = (32, 32), seed: int = 0) -> list[Image.Image]:
+    """A reproducible clip: ``n_frames`` RGB frames of ``size`` whose bright rectangle moves right by a few
+    pixels per frame over a fixed random background."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    background = rng.integers(0, 96, size=(h, w, 3), dtype=np.uint8)
+    colour = rng.integers(160, 256, size=3, dtype=np.uint8)
+    y0 = int(rng.integers(0, h // 2))
+    out = []
+    for f in range(n_frames):
+        arr = background.copy()
+        x0 = (f * max(1, w // (2 * n_frames))) % (w - w // 3)
+        arr[y0 : y0 + h // 3, x0 : x0 + w // 3] = colour
+        out.append(Image.fromarray(arr))
+    return out
 
 
 def tiny_images(n: int, size: tuple[int, int] = (32, 32), seed: int = 0) -> list[Image.Image]:

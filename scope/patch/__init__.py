@@ -12,7 +12,8 @@ Methods (the registry, :mod:`scope.methods`, says which is which):
 - pre-LLM methods (SCOPE and the selection baselines) prune *before* the LLM (:mod:`scope.patch.llava`,
   :mod:`scope.patch.llava_next`): ``budget`` = tokens per image (LLaVA-NeXT: split over crops); on Qwen2-VL /
   Qwen2.5-VL (:mod:`scope.patch.qwen2_vl`) merged tokens per image, or a float share of each image's tokens,
-  each kept token keeping its original M-RoPE position;
+  each kept token keeping its original M-RoPE position; on Video-LLaVA (:mod:`scope.patch.video_llava`) tokens
+  per image, or per video split evenly over its frames;
 - the unpruned method ``"none"`` patches nothing in the computation but goes through the same code path
   (a control);
 - in-LLM methods (FastV, PDrop) drop visual tokens *inside* the LLM (:mod:`scope.patch.in_llm`):
@@ -78,6 +79,7 @@ _FAMILY_OPTIONS = {
     "llava": (),
     "llava_next": ("keep_newlines",),
     "qwen2_vl": ("saliency_source", "vision_layer"),  # scope.patch.qwen2_vl.OPTIONS
+    "video_llava": ("keep_frame_cls",),  # scope.patch.video_llava.OPTIONS
 }
 
 
@@ -110,8 +112,11 @@ def _family(model) -> str:
         LlavaNextForConditionalGeneration,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLForConditionalGeneration,
+        VideoLlavaForConditionalGeneration,
     )
 
+    if isinstance(model, VideoLlavaForConditionalGeneration):
+        return "video_llava"
     if isinstance(model, (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)):
         return "qwen2_vl"
     if isinstance(model, LlavaNextForConditionalGeneration):  # check first: not a subclass, but be explicit
@@ -120,7 +125,8 @@ def _family(model) -> str:
         return "llava"
     raise ValueError(
         f"scope.patch supports LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
-        f"Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration, got model of type "
+        f"Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration and "
+        f"VideoLlavaForConditionalGeneration, got model of type "
         f"{type(model).__name__}"
     )
 
@@ -147,6 +153,12 @@ def _check(model, family: str, method: str, budget: int | None, options: dict[st
         raise ValueError("option keep_newlines applies to LLaVA-NeXT models only")
     if family_opts and record.stage == IN_LLM:
         raise ValueError(f"option(s) {family_opts} apply to pre-LLM methods, not to {method!r}")
+    if family == "video_llava":
+        from .video_llava import check_options
+
+        if record.stage == IN_LLM:
+            raise ValueError(f"in-LLM method {record.name!r} supports LLaVA models only, not Video-LLaVA")
+        check_options(options)
     own = {k: v for k, v in options.items() if k not in family_opts}
     if record.stage == NONE:
         if own:
@@ -214,6 +226,11 @@ def patch(model, method: str = "scope", budget: int | None = 64, **options: Any)
 
         state = PatchState(record.name, budget, dict(options), family)
         qwen2_vl.install(model, state)
+    elif family == "video_llava":
+        from . import video_llava
+
+        state = PatchState(record.name, budget, dict(options), family)
+        video_llava.install(model, state)
     elif record.stage == IN_LLM:
         from . import in_llm
 

@@ -50,22 +50,22 @@ __all__ = ["vision_features", "pixel_ids", "select_rows", "collapse_placeholders
 # --------------------------------------------------------------------------------------------------------
 
 
-def _feature_layer(model, vision_feature_layer) -> tuple[int, int]:
+def _feature_layer(model, vision_feature_layer, tower=None) -> tuple[int, int]:
     """(hidden_states index, encoder layer index) of the feature layer."""
     layer = model.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
     if not isinstance(layer, int):
         raise ValueError(
             f"scope.patch supports a single vision_feature_layer, got vision_feature_layer={layer!r}"
         )
-    layers = _encoder_layers(model)
+    layers = _encoder_layers(model, tower)
     h_idx = layer % (len(layers) + 1)  # hidden_states[0] is the embedding output
     if h_idx == 0:
         raise ValueError(f"vision_feature_layer={layer} selects the embeddings, which have no attention")
     return layer, h_idx - 1
 
 
-def _encoder_layers(model):
-    tower = model.model.vision_tower
+def _encoder_layers(model, tower=None):
+    tower = model.model.vision_tower if tower is None else tower
     encoder = getattr(tower, "encoder", None) or getattr(
         getattr(tower, "vision_model", None), "encoder", None
     )
@@ -85,6 +85,7 @@ def vision_features(
     vision_feature_layer=None,
     vision_feature_select_strategy=None,
     with_cls: bool = False,
+    tower=None,
 ) -> tuple[torch.Tensor, ...]:
     """Run the vision tower once and return ``(features, saliency, keys)`` for every image/crop.
 
@@ -92,21 +93,24 @@ def vision_features(
     saliency ``[n, N]``: softmax(q_cls k^T / sqrt(d_head)) of that layer summed over heads;
     keys ``[n, N, d_head]``: that layer's attention keys averaged over heads (VisionZip's merge metric);
     ``with_cls=True`` adds a fourth tensor, the CLS token's feature ``[n, d]`` of that layer.
+    ``tower``: the CLIP-like tower to run (default ``model.model.vision_tower``; Video-LLaVA has an image and
+    a video tower).
     Inside :func:`scope.patch.reuse_vision_features` a batch of pixels seen before is not run again.
     """
     strategy = vision_feature_select_strategy or model.config.vision_feature_select_strategy
-    layer, attn_layer = _feature_layer(model, vision_feature_layer)
+    tower = model.model.vision_tower if tower is None else tower
+    layer, attn_layer = _feature_layer(model, vision_feature_layer, tower)
     out = cached_vision_features(
         model,
         pixel_values,
-        (layer, strategy),
-        lambda: _run_tower(model, pixel_values, layer, attn_layer, strategy),
+        (layer, strategy, id(tower)),
+        lambda: _run_tower(tower, pixel_values, layer, attn_layer, strategy),
     )
     return out if with_cls else out[:3]
 
 
-def _run_tower(model, pixel_values, layer: int, attn_layer: int, strategy: str):
-    attn = _encoder_layers(model)[attn_layer].self_attn
+def _run_tower(tower, pixel_values, layer: int, attn_layer: int, strategy: str):
+    attn = _encoder_layers(None, tower)[attn_layer].self_attn
     got: dict[str, torch.Tensor] = {}
 
     def cls_row(module, args, kwargs):
@@ -122,7 +126,7 @@ def _run_tower(model, pixel_values, layer: int, attn_layer: int, strategy: str):
 
     handle = attn.register_forward_pre_hook(cls_row, with_kwargs=True)
     try:
-        out = model.model.vision_tower(pixel_values, output_hidden_states=layer, return_dict=True)
+        out = tower(pixel_values, output_hidden_states=layer, return_dict=True)
     finally:
         handle.remove()
     feats, sal, keys = out.hidden_states[layer], got["saliency"], got["keys"]
@@ -261,13 +265,27 @@ def pruned_image_features(model, state: PatchState, pixel_values, image_sizes=No
     return list(projected), [N] * n_img, [idx.shape[1]] * n_img
 
 
+TOWERS = ("vision_tower", "image_tower", "video_tower")  # LLaVA(-NeXT); Video-LLaVA's two towers
+
+
 def _refuse_tower_training(model) -> None:
-    if model.training and any(p.requires_grad for p in model.model.vision_tower.parameters()):
-        raise RuntimeError(
-            "a scope-patched model runs its vision tower without gradients (the features are only selected "
-            "from); freeze the tower (model.model.vision_tower.requires_grad_(False)) to train the rest, or "
-            "scope.unpatch(model) to train the tower"
-        )
+    if not model.training:
+        return
+    for name in TOWERS:
+        tower = getattr(model.model, name, None)
+        if tower is not None and any(p.requires_grad for p in tower.parameters()):
+            raise RuntimeError(
+                f"a scope-patched model runs its vision tower without gradients (the features are only "
+                f"selected from); freeze the tower (model.model.{name}.requires_grad_(False)) to train the "
+                f"rest, or scope.unpatch(model) to train the tower"
+            )
+
+
+def _has_pixels(call: dict) -> bool:
+    """Whether a call carries images or videos to prune (an empty tensor counts as none)."""
+    return any(
+        call.get(k) is not None and call[k].numel() > 0 for k in ("pixel_values", "pixel_values_videos")
+    )
 
 
 def _prepare(model, state: PatchState, call: dict[str, Any], encode, for_generate: bool) -> dict[str, Any]:
@@ -308,8 +326,14 @@ def _prepare(model, state: PatchState, call: dict[str, Any], encode, for_generat
     return call
 
 
-def install(model, state: PatchState, encode=pruned_image_features) -> None:
-    """Wrap ``model.forward`` and ``model.generate`` on the instance (the class stays untouched)."""
+def install(model, state: PatchState, encode=pruned_image_features, prepare=None) -> None:
+    """Wrap ``model.forward`` and ``model.generate`` on the instance (the class stays untouched).
+
+    ``prepare(model, state, call, for_generate)`` rewrites a call's arguments (default: this module's,
+    with ``encode`` as the image encoder); :mod:`scope.patch.video_llava` passes its own.
+    """
+    if prepare is None:
+        prepare = functools.partial(_prepare, encode=encode)
     for name in ("forward", "generate"):
         state.saved[name] = model.__dict__.get(name)  # an existing instance override (e.g. accelerate)
     orig_forward, orig_generate = model.forward, model.generate
@@ -318,20 +342,18 @@ def install(model, state: PatchState, encode=pruned_image_features) -> None:
     def forward(*args, **kwargs):
         _refuse_tower_training(model)
         call = bind_call(orig_forward, args, kwargs)
-        pv = call.get("pixel_values")
-        if pv is None or pv.numel() == 0:
+        if not _has_pixels(call):
             return orig_forward(**call)
-        return orig_forward(**_prepare(model, state, call, encode, for_generate=False))
+        return orig_forward(**prepare(model, state, call, for_generate=False))
 
     @functools.wraps(orig_generate)
     def generate(inputs=None, generation_config=None, **kwargs):
-        pv = kwargs.get("pixel_values")
-        if pv is None or pv.numel() == 0:
+        if not _has_pixels(kwargs):
             return orig_generate(inputs, generation_config=generation_config, **kwargs)
         if inputs is not None:
             kwargs["input_ids"] = inputs
         prompt = kwargs["input_ids"]
-        call = _prepare(model, state, kwargs, encode, for_generate=True)
+        call = prepare(model, state, kwargs, for_generate=True)
         if call.get("attention_mask") is None:
             call.pop("attention_mask")
         shrink = prompt.shape[1] - call["input_ids"].shape[1]
