@@ -19,7 +19,14 @@ import torch
 from scope.efficiency import count_flops, llm_flops, load_config, meta_model, projector_flops, selection_flops
 from scope.methods import NONE, PRE_LLM, UNPRUNED, get_method
 
-__all__ = ["VIDEO_CONFIG", "VIDEO_BUDGETS", "FRAMES", "video_tokens", "video_prefill_flops", "video_flops_table"]
+__all__ = [
+    "VIDEO_CONFIG",
+    "VIDEO_BUDGETS",
+    "FRAMES",
+    "video_tokens",
+    "video_prefill_flops",
+    "video_flops_table",
+]
 
 VIDEO_CONFIG = "video-llava-7b"
 VIDEO_BUDGETS = (136,)  # Table 3: 136 of 2,048 visual tokens
@@ -69,7 +76,9 @@ def video_prefill_flops(
     config = load_config(config)
     record = get_method(UNPRUNED if budget is None else method)
     if record.stage not in (PRE_LLM, NONE):
-        raise ValueError(f"method {method!r} is not a pre-LLM method; Video-LLaVA is pruned before the LLM only")
+        raise ValueError(
+            f"method {method!r} is not a pre-LLM method; Video-LLaVA is pruned before the LLM only"
+        )
     model = meta_model(config)
     tokens = video_tokens(config, frames, budget)
     kept, k = tokens["kept"], tokens["kept_per_frame"]

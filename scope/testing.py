@@ -260,7 +260,9 @@ def _frame_video_processor(frames):
 
         def preprocess(self, videos, return_tensors=None, **kwargs):
             clips = [self.frames(list(v), return_tensors="pt")["pixel_values"] for v in videos]
-            return transformers.BatchFeature({"pixel_values_videos": torch.stack(clips)}, tensor_type=return_tensors)
+            return transformers.BatchFeature(
+                {"pixel_values_videos": torch.stack(clips)}, tensor_type=return_tensors
+            )
 
     class FramesVideoLlavaProcessor(transformers.VideoLlavaProcessor):
         def check_argument_for_proper_class(self, argument_name, argument):

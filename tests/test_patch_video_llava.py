@@ -77,7 +77,9 @@ def test_tiny_model_keeps_the_published_layout(tiny):
 def test_keep_all_is_exact(tiny, method, budget):
     model, processor = tiny
     # one unpadded row with an image and a video (a padded batch gets compact positions, as on LLaVA)
-    inputs = _videos(processor, ["USER: <image>\n<video>\nwhat is in the image ? ASSISTANT:"], [0], tiny_images(1))
+    inputs = _videos(
+        processor, ["USER: <image>\n<video>\nwhat is in the image ? ASSISTANT:"], [0], tiny_images(1)
+    )
     scope.unpatch(model)
     ref = model(**inputs).logits
     with scope.patch(model, method, budget=budget):

@@ -50,8 +50,15 @@ import torch
 
 from scope.methods import NONE, get_method
 
-from .llava import collapse_placeholders, install as llava_install, positions_from_mask, pruned_image_features
-from .llava import select_rows, uninstall, vision_features
+from .llava import (
+    collapse_placeholders,
+    positions_from_mask,
+    pruned_image_features,
+    select_rows,
+    uninstall,
+    vision_features,
+)
+from .llava import install as llava_install
 from .state import PatchState
 
 __all__ = ["OPTIONS", "check_options", "frame_budget", "pruned_video_features", "install", "uninstall"]
@@ -84,7 +91,9 @@ def _method_options(state: PatchState) -> dict[str, Any]:
     return {k: v for k, v in state.options.items() if k not in OPTIONS}
 
 
-def pruned_video_features(model, state: PatchState, pixel_values_videos: torch.Tensor, vision_feature_layer=None):
+def pruned_video_features(
+    model, state: PatchState, pixel_values_videos: torch.Tensor, vision_feature_layer=None
+):
     """Projected kept rows ``[videos * frames, k, D]`` of every frame, and the placeholder counts per video
     (in, out). ``state.last["frame_indices"]`` ``[videos, frames, k]``: the kept positions inside each frame's
     257 tokens (0 = CLS, 1 + i = patch i in raster order)."""
@@ -112,7 +121,9 @@ def pruned_video_features(model, state: PatchState, pixel_values_videos: torch.T
             patches, cls_rows = projector(patches), projector(cls)
         k_patches = k - int(own_cls)
         if k_patches > 0:
-            out = select_rows(patches, sal[:, 1:], keys[:, 1:], k_patches, state.method, options, frames, cls_rows)
+            out = select_rows(
+                patches, sal[:, 1:], keys[:, 1:], k_patches, state.method, options, frames, cls_rows
+            )
             idx, rows = out.indices + 1, out.features  # VisionZip's CLS (index -1) lands on 0
         else:  # k = 1 with the CLS kept: the CLS alone
             idx, rows = patches.new_zeros(n, 0, dtype=torch.long), patches[:, :0]
