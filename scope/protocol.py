@@ -177,7 +177,9 @@ def native_resolution(processor: Any) -> bool:
     """Whether ``processor`` cuts images at (close to) their own size into merged patch tokens, as the
     Qwen2-VL / Qwen2.5-VL processors do (an image processor with ``merge_size`` and ``temporal_patch_size``)."""
     ip = _image_processor(processor)
-    return getattr(ip, "merge_size", None) is not None and getattr(ip, "temporal_patch_size", None) is not None
+    return (
+        getattr(ip, "merge_size", None) is not None and getattr(ip, "temporal_patch_size", None) is not None
+    )
 
 
 def pixel_limits(processor: Any) -> dict[str, int] | None:

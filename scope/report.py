@@ -114,8 +114,10 @@ def paper_shares(name: str = "table8") -> pd.DataFrame:
     check_columns(paper, ["method", "token_ratio", "Avg_rel"], name)
     cols = [c for c in paper.columns if c not in ("method", "token_ratio", "Avg_rel")]
     share = paper["token_ratio"].astype(str).str.rstrip("%").astype(float) / 100
-    raw = paper[cols].astype(float).assign(
-        budget=share, method=paper["method"].where(share < 1, get_method(UNPRUNED).paper_label)
+    raw = (
+        paper[cols]
+        .astype(float)
+        .assign(budget=share, method=paper["method"].where(share < 1, get_method(UNPRUNED).paper_label))
     )
     base = raw.loc[raw["budget"] == 1.0, cols].iloc[0]
     rel = raw.assign(**{c: 100 * raw[c] / base[c] for c in cols})

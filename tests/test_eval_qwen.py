@@ -21,7 +21,9 @@ def qwen(request):
 
 def _tokens(processor, image) -> int:
     """Merged tokens of one image, read off the processor's own grid (t * h * w patches, 2x2 per token)."""
-    grid = processor(images=[image], text=[chat_prompt(processor, "q")], return_tensors="pt")["image_grid_thw"]
+    grid = processor(images=[image], text=[chat_prompt(processor, "q")], return_tensors="pt")[
+        "image_grid_thw"
+    ]
     return int(grid.prod()) // 4
 
 
@@ -71,7 +73,10 @@ def test_pixel_limits_are_applied_recorded_and_restored(qwen, tmp_path):
     # smart_resize by hand: 32x32 = 1024 px > 256 -> scale by sqrt(1024 / 256) = 2 -> 16x16 px
     # -> 4x4 patches of 4 px -> 2x2 merged tokens
     assert res["tasks"]["pope"]["mean_kept_tokens"] == 4
-    assert json.loads((tmp_path / "config.json").read_text())["pixels"] == {"min_pixels": 64, "max_pixels": 256}
+    assert json.loads((tmp_path / "config.json").read_text())["pixels"] == {
+        "min_pixels": 64,
+        "max_pixels": 256,
+    }
     assert pixel_limits(proc) == before  # the processor is as it was
     with pytest.raises(ValueError, match="pixels"):  # other limits: another run, refused
         evaluate(model, proc, "pope", out_dir=tmp_path, method="none", max_pixels=1024, **kw)
@@ -122,8 +127,12 @@ def test_show_prompts_prints_a_qwen_prompt(monkeypatch):
     from scope.eval.__main__ import fixture_datasets, parse_args, show_prompts
 
     _, proc = tiny_qwen2_vl(seed=0)
-    monkeypatch.setattr(importlib.import_module("scope.load"), "load_processor", lambda model_id=None, **kw: proc)
-    args = parse_args(["--model", "Qwen/Qwen2-VL-7B-Instruct", "--tasks", "pope", "--fixtures", "--limit", "1"])
+    monkeypatch.setattr(
+        importlib.import_module("scope.load"), "load_processor", lambda model_id=None, **kw: proc
+    )
+    args = parse_args(
+        ["--model", "Qwen/Qwen2-VL-7B-Instruct", "--tasks", "pope", "--fixtures", "--limit", "1"]
+    )
     args.max_pixels = 256
     args.min_pixels = 64
     text = show_prompts(args, fixture_datasets("pope"))
