@@ -538,8 +538,8 @@ SPARSEVLM_PRESETS: dict[tuple[str, int], tuple[tuple[int, int], ...]] = {
 VISIONZIP_CONTEXTUAL: dict[int, int] = {8: 2, 16: 4, 32: 6, 48: 8, 64: 10, 128: 20, 192: 30}
 
 _FAMILIES = ("llava", "llava_next")
-# families whose paper runs (Table 8) we have no authors' code for: their methods keep our defaults
-_FAMILIES_WITHOUT_SETTINGS = ("qwen2_vl", "qwen2_5_vl")
+# families whose paper runs (Tables 3 and 8) we have no authors' code for: their methods keep our defaults
+_FAMILIES_WITHOUT_SETTINGS = ("qwen2_vl", "qwen2_5_vl", "video_llava")
 
 
 def paper_options(method: str, budget: int | None, family: str) -> dict[str, Any]:

@@ -22,6 +22,15 @@ repository's ``data/``) and ``hf`` for the embedded MiniLLaVA models, whose own 
 the ones they were trained with (there is no separate "embedded" protocol: ``hf`` is "the checkpoint's
 own"), and for in-memory models without a name (the tiny test models).
 
+Qwen2-VL / Qwen2.5-VL (native-resolution processors, :func:`native_resolution`): the authors ran them through
+lmms-eval's ``qwen2_vl`` model, which sends the checkpoint's own chat template (its default system prompt,
+the images in front of the question in one user turn) and the processor's resize between ``min_pixels`` and
+``max_pixels`` (3136 and 12845056, the checkpoints' own). So under ``paper`` a Qwen processor gets its chat
+template and its images as they are; only the task settings (``Task.authors``) are the authors'. The pixel
+limits are run options (:func:`pixel_limits`, :func:`limited_pixels`). What lmms-eval does differently and we
+do not: it resizes with ``qwen_vl_utils`` (PIL bicubic) before the processor, and recent versions re-encode
+every image as JPEG (quality 75) first; see docs/qwen2vl.md.
+
     from scope.protocol import resolve_protocol, build_prompt, prepare_images, applied
     p = resolve_protocol("llava-hf/llava-1.5-7b-hf")                         # PAPER
     with applied(processor, model, p):
@@ -32,6 +41,7 @@ own"), and for in-memory models without a name (the tiny test models).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -54,6 +64,9 @@ __all__ = [
     "prepare_images",
     "width_height_pinpoints",
     "applied",
+    "native_resolution",
+    "pixel_limits",
+    "limited_pixels",
     "run_options",
     "model_inputs",
     "format_inputs",
@@ -80,7 +93,8 @@ class Protocol:
 
 PAPER = Protocol(
     "paper",
-    "the authors' LLaVA pipeline: mean-colour square padding / original anyres grid, vicuna_v1 conversation",
+    "the authors' pipeline: LLaVA with mean-colour square padding / original anyres grid and the vicuna_v1 "
+    "conversation; Qwen-VL with its own chat template and pixel limits",
     pad_to_square=True,
     system=VICUNA_V1_SYSTEM,
     width_height_pinpoints=True,
@@ -158,11 +172,63 @@ def _anyres(processor: Any) -> bool:
     return getattr(_image_processor(processor), "image_grid_pinpoints", None) is not None
 
 
+def native_resolution(processor: Any) -> bool:
+    """Whether ``processor`` cuts images at (close to) their own size into merged patch tokens, as the
+    Qwen2-VL / Qwen2.5-VL processors do (an image processor with ``merge_size`` and ``temporal_patch_size``)."""
+    ip = _image_processor(processor)
+    return (
+        getattr(ip, "merge_size", None) is not None and getattr(ip, "temporal_patch_size", None) is not None
+    )
+
+
+def pixel_limits(processor: Any) -> dict[str, int] | None:
+    """``{"min_pixels", "max_pixels"}`` a native-resolution processor resizes every image between (its
+    ``size`` shortest / longest edge, in pixels of area); None for other processors."""
+    if not native_resolution(processor):
+        return None
+    size = _image_processor(processor).size
+    return {"min_pixels": int(size["shortest_edge"]), "max_pixels": int(size["longest_edge"])}
+
+
+@contextlib.contextmanager
+def limited_pixels(processor: Any, min_pixels: int | None = None, max_pixels: int | None = None):
+    """Within the block, a native-resolution processor resizes images to at least ``min_pixels`` and at most
+    ``max_pixels`` pixels of area (either None: as configured); restored afterwards. Raises ValueError for
+    a processor without pixel limits or for bad values, naming them."""
+    if min_pixels is None and max_pixels is None:
+        yield
+        return
+    limits = pixel_limits(processor)
+    if limits is None:
+        raise ValueError(
+            f"min_pixels / max_pixels apply to native-resolution (Qwen-VL) processors only, not to "
+            f"{type(processor).__name__} (got min_pixels={min_pixels!r}, max_pixels={max_pixels!r})"
+        )
+    lo = limits["min_pixels"] if min_pixels is None else min_pixels
+    hi = limits["max_pixels"] if max_pixels is None else max_pixels
+    for name, v in (("min_pixels", lo), ("max_pixels", hi)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {name}={v!r}")
+    if lo > hi:
+        raise ValueError(f"min_pixels={lo} is larger than max_pixels={hi}")
+    ip = _image_processor(processor)
+    saved = ip.size
+    if dataclasses.is_dataclass(saved):  # transformers' SizeDict
+        ip.size = dataclasses.replace(saved, shortest_edge=lo, longest_edge=hi)
+    else:
+        ip.size = {**saved, "shortest_edge": lo, "longest_edge": hi}
+    try:
+        yield
+    finally:
+        ip.size = saved
+
+
 def prepare_images(processor: Any, images: Sequence[Any], protocol: str | Protocol) -> list:
     """What the protocol does to each image before the processor: ``paper`` pads single-crop models' images to
-    a mean-coloured square; anyres images and ``hf`` go to the processor as they are."""
+    a mean-coloured square; anyres and native-resolution (Qwen) images and ``hf`` go to the processor as they
+    are."""
     p = get_protocol(protocol)
-    if not p.pad_to_square or _anyres(processor):
+    if not p.pad_to_square or _anyres(processor) or native_resolution(processor):
         return list(images)
     fill = mean_fill(_image_processor(processor))
     return [expand_to_square(im, fill) for im in images]
@@ -224,12 +290,14 @@ def conversation(
 def build_prompt(processor: Any, question: str, n_images: int = 1, protocol: str | Protocol = HF) -> str:
     """The prompt text for one question with ``n_images`` images in front of it.
 
-    ``paper``: :func:`conversation`. ``hf``: the processor's chat template (llava-hf checkpoints and the
-    embedded models ship one); without a template, LLaVA-1.5's ``USER: <image>\\n{question} ASSISTANT:``.
+    ``paper``: :func:`conversation`, except for a native-resolution (Qwen) processor, which gets its chat
+    template as lmms-eval's ``qwen2_vl`` model sends it. ``hf``: the processor's chat template (llava-hf
+    checkpoints and the embedded models ship one); without a template, LLaVA-1.5's
+    ``USER: <image>\\n{question} ASSISTANT:``.
     """
     p = get_protocol(protocol)
     token = getattr(processor, "image_token", "<image>")
-    if p.system is not None:
+    if p.system is not None and not native_resolution(processor):
         return conversation(question, n_images, p.system, token)
     if getattr(processor, "chat_template", None):
         content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
@@ -243,7 +311,8 @@ def run_options(
     protocol: str | Protocol, method: str | None, budget: int | None, model: Any, options: dict | None = None
 ) -> dict:
     """The method options a run uses: under ``paper`` the authors' settings for the model's family
-    (:func:`scope.methods.paper_options`) overridden by ``options``; otherwise ``options`` as given."""
+    (:func:`scope.methods.paper_options`, empty for the families whose authors' code is not published)
+    overridden by ``options``; otherwise ``options`` as given."""
     from scope.methods import get_method, is_unpruned, paper_options
 
     options = dict(options or {})
@@ -263,30 +332,42 @@ def model_inputs(processor: Any, question: str, images: Sequence[Any], protocol:
     Returns ``text`` (the prompt after the conversation / chat template), ``image_tokens`` (image
     placeholders in the tokenized prompt), and per image ``original`` and ``prepared`` sizes (width, height;
     ``prepared`` after the protocol's own step, e.g. square padding), ``grid`` (anyres: the chosen
-    resolution as width x height and the crop count, base image included) and ``pixels`` (the shape of one
-    crop's pixel tensor).
+    resolution as width x height and the crop count, base image included), ``native`` (native-resolution
+    processors: the resized width x height, the patch grid (t, h, w) and the merged tokens) and ``pixels``
+    (the shape of one crop's pixel tensor; native resolution: the image's rows of patch pixels).
     """
-    from transformers.image_processing_utils import select_best_resolution
-
     p = get_protocol(protocol)
     with applied(processor, None, p):
         text = build_prompt(processor, question, len(images), p)
         prepared = prepare_images(processor, images, p)
         inputs = processor(images=prepared or None, text=[text], return_tensors="pt")
-        pinpoints = getattr(_image_processor(processor), "image_grid_pinpoints", None)
-        crop = _image_processor(processor).crop_size["height"]
-        per_image = []
-        for im, pim in zip(images, prepared):
-            entry = {"original": im.size, "prepared": pim.size}
-            if pinpoints is not None:
-                h, w = select_best_resolution((pim.size[1], pim.size[0]), pinpoints)
-                entry["grid"] = ((w, h), 1 + (w // crop) * (h // crop))
-            entry["pixels"] = tuple(inputs["pixel_values"].shape[-3:])
-            per_image.append(entry)
+        per_image = [
+            {"original": im.size, "prepared": pim.size, **_layout(processor, inputs, i, pim)}
+            for i, (im, pim) in enumerate(zip(images, prepared))
+        ]
     token = getattr(processor, "image_token", None)
     tid = processor.tokenizer.convert_tokens_to_ids(token) if token is not None else None
     n_tokens = int((inputs["input_ids"] == tid).sum()) if tid is not None else None
     return {"text": text, "image_tokens": n_tokens, "images": per_image}
+
+
+def _layout(processor: Any, inputs: Any, i: int, image: Any) -> dict:
+    """How image ``i`` (``image`` as prepared) was cut: anyres grid, native-resolution grid, pixel shape."""
+    ip = _image_processor(processor)
+    if native_resolution(processor):
+        t, h, w = (int(x) for x in inputs["image_grid_thw"][i])
+        tokens = t * h * w // ip.merge_size**2
+        size = (w * ip.patch_size, h * ip.patch_size)
+        return {"native": (size, (t, h, w), tokens), "pixels": (t * h * w, inputs["pixel_values"].shape[-1])}
+    out: dict[str, Any] = {"pixels": tuple(inputs["pixel_values"].shape[-3:])}
+    pinpoints = getattr(ip, "image_grid_pinpoints", None)
+    if pinpoints is not None:
+        from transformers.image_processing_utils import select_best_resolution
+
+        crop = ip.crop_size["height"]
+        h, w = select_best_resolution((image.size[1], image.size[0]), pinpoints)
+        out["grid"] = ((w, h), 1 + (w // crop) * (h // crop))
+    return out
 
 
 def format_inputs(header: str, inputs: dict) -> str:
@@ -299,6 +380,11 @@ def format_inputs(header: str, inputs: dict) -> str:
             (gw, gh), n = im["grid"]
             step += f" -> anyres grid {gw}x{gh}, {n} crops (base + {n - 1})"
         pixels = "x".join(str(s) for s in im["pixels"])
+        if "native" in im:
+            (rw, rh), (t, gh, gw), n = im["native"]
+            step += f" -> resized {rw}x{rh}, patch grid {t}x{gh}x{gw} -> {n} merged tokens"
+            lines.append(f"  image {i}: {w0}x{h0}{step} (pixels {pixels})")
+            continue
         lines.append(f"  image {i}: {w0}x{h0}{step} -> pixels {pixels} per crop")
     lines.append(f"  image tokens in the prompt: {inputs['image_tokens']}")
     return "\n".join(lines)

@@ -34,7 +34,7 @@ import pandas as pd
 from scope import lock
 from scope.eval.rundir import read_jsonl
 from scope.eval.tasks import get_task
-from scope.methods import IN_LLM, UNPRUNED, find_method, from_paper_label, is_unpruned
+from scope.methods import IN_LLM, UNPRUNED, find_method, from_paper_label, get_method, is_unpruned
 from scope.paths import PAPER_DIR
 
 # SynthBench families -> the paper benchmark each mirrors (column headers of our Table 1 analogue).
@@ -102,6 +102,28 @@ def paper_table(name: str) -> pd.DataFrame:
             f"name={name!r} matches {[f.stem for f in hits]}; choose one of {[f.stem for f in files]}"
         )
     return pd.read_csv(hits[0])
+
+
+def paper_shares(name: str = "table8") -> pd.DataFrame:
+    """A paper table that gives budgets as token shares and raw scores only (Table 8: ``token_ratio`` "25%",
+    ``Avg_rel`` "94.6 (+0.7)") in the layout of the others: ``budget`` the share as a float (0.25; the
+    unpruned row 1.0 and named as :data:`scope.methods.UNPRUNED`'s paper label), ``kind`` "raw" rows and
+    "rel%" rows (each score over the unpruned row's, x100) with ``Avg_rel``, the printed number without its
+    gain."""
+    paper = paper_table(name)
+    check_columns(paper, ["method", "token_ratio", "Avg_rel"], name)
+    cols = [c for c in paper.columns if c not in ("method", "token_ratio", "Avg_rel")]
+    share = paper["token_ratio"].astype(str).str.rstrip("%").astype(float) / 100
+    raw = (
+        paper[cols]
+        .astype(float)
+        .assign(budget=share, method=paper["method"].where(share < 1, get_method(UNPRUNED).paper_label))
+    )
+    base = raw.loc[raw["budget"] == 1.0, cols].iloc[0]
+    rel = raw.assign(**{c: 100 * raw[c] / base[c] for c in cols})
+    rel["Avg_rel"] = paper["Avg_rel"].astype(str).str.split(" ").str[0].astype(float)
+    out = pd.concat([raw.assign(kind="raw", Avg_rel=math.nan), rel.assign(kind="rel%")], ignore_index=True)
+    return out[["budget", "method", "kind", *cols, "Avg_rel"]]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -424,3 +424,44 @@ def test_scorers_agree_with_lmms_eval_task_code(monkeypatch):
         assert M.parse_mmmu_choice(c, options) == mmmu.parse_mmmu_multi_choice_response(
             c, list(index), index
         ), c
+
+
+def test_qwen_model_share_budget_and_pixel_limits(plugin, monkeypatch):
+    """A Qwen2-VL model under protocol=paper: the budget "0.25" is a share, the prompt is Qwen's own chat
+    template, the pixel limits hold while generating (and not afterwards)."""
+    from scope.protocol import pixel_limits
+    from scope.testing import tiny_images, tiny_qwen2_vl
+
+    model, proc = tiny_qwen2_vl(seed=0)
+    lm = plugin.ScopeLlava(
+        model=model, processor=proc, method="scope", budget="0.25", protocol="paper", batch_size=2,
+        min_pixels="64", max_pixels="256",
+    )  # fmt: skip
+    assert (lm.budget, model._scope.budget, model._scope.options) == (0.25, 0.25, {})
+    seen = {}
+    real = plugin.generate_answers
+
+    def spy(model, processor, prompts, images, max_new_tokens):
+        seen.update(prompts=prompts, limits=pixel_limits(processor))
+        texts, kept = real(model, processor, prompts, images, max_new_tokens)
+        seen["kept"] = kept
+        return texts, kept
+
+    monkeypatch.setattr(plugin, "generate_answers", spy)
+    docs = [{"image": im} for im in tiny_images(2)]
+    lm.task_dict = {"pope": {"test": docs}}
+    reqs = [
+        types.SimpleNamespace(args=("Q?", {"max_new_tokens": 2}, lambda d: [d["image"]], i, "pope", "test"))
+        for i in range(2)
+    ]
+    out = lm.generate_until(reqs)
+    assert len(out) == 2 and all(isinstance(t, str) for t in out)
+    assert seen["prompts"] == ["USER: <|vision_start|><image><|vision_end|> Q? ASSISTANT:"] * 2
+    assert seen["limits"] == {"min_pixels": 64, "max_pixels": 256}
+    assert seen["kept"] == [1, 1]  # 32x32 px limited to 16x16: 4 merged tokens, a quarter of them
+    assert pixel_limits(proc) == {"min_pixels": 256, "max_pixels": 4096}
+    with pytest.raises(ValueError, match="native-resolution"):
+        from scope.testing import tiny_llava
+
+        llava, llava_proc = tiny_llava(seed=0)
+        plugin.ScopeLlava(model=llava, processor=llava_proc, method="none", max_pixels=256)

@@ -375,3 +375,17 @@ def test_save_table_writes_csv_and_markdown_with_source(tmp_path):
         report.save_table(df, "bad/name", source="x", figures_dir=tmp_path)
     with pytest.raises(ValueError, match="source"):
         report.save_table(df, "ok", source="", figures_dir=tmp_path)
+
+
+def test_paper_shares_lays_table8_out_like_the_others():
+    t = report.paper_shares("table8")
+    raw, rel = t[t.kind == "raw"], t[t.kind == "rel%"]
+    assert list(raw.budget) == [1.0, 0.25, 0.25, 0.1, 0.1]  # "100%", "25%", ..., "10%" as printed
+    assert raw.method.iloc[0] == "Vanilla (upper bound)" and raw.MME.iloc[2] == 2065  # SCOPE at 25%
+    scope25 = rel[(rel.method == "SCOPE (Ours)") & (rel.budget == 0.25)].iloc[0]
+    assert scope25.GQA == pytest.approx(100 * 59.8 / 61.9) and scope25.Avg_rel == 94.6  # "(+0.7)" dropped
+    # the printed Avg_rel is the mean of the rel% columns (checked on every pruned row, to the printed digit)
+    cols = ["GQA", "MMB", "MME", "POPE"]
+    assert (rel[cols].mean(axis=1) - rel.Avg_rel).abs().max() < 0.06
+    side = report.paper_relative(t)
+    assert sorted(set(side.method)) == ["divprune", "scope"] and len(side) == 4

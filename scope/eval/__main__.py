@@ -10,6 +10,8 @@ Examples::
     python -m scope.eval --rescore results/llava15-scope-64       # re-aggregate from the JSONL logs
     python -m scope.eval --model llava-hf/llava-1.5-7b-hf --tasks textvqa,seedbench --show-prompts --limit 2
     python -m scope.eval --tasks pope,seedbench --fixtures --method scope --budget 8   # offline fixture data
+    python -m scope.eval --model Qwen/Qwen2-VL-7B-Instruct --method scope,divprune --budget 0.25,0.1 \\
+        --tasks gqa,mmbench_en_dev,mme,pope --dtype bfloat16 --out results/qwen2vl   # Table 8 (shares)
 
 ``--protocol paper`` (the default for real checkpoints) reproduces the authors' preprocessing, conversation
 and task settings, ``--protocol hf`` keeps the checkpoint's own processor and chat template
@@ -18,7 +20,9 @@ would receive for the first ``--limit`` questions (default 3) of each task, from
 weights are loaded).
 
 With one method and one budget ``--out`` is the run directory; with several, ``--out`` holds one run
-directory per combination (``<method>-<budget>``, plus ``none`` for the unpruned model).
+directory per combination (``<method>-<budget>``, plus ``none`` for the unpruned model). On Qwen2-VL /
+Qwen2.5-VL a budget may be a share of each image's tokens (``0.25``), and ``--min-pixels`` /
+``--max-pixels`` bound the image areas the processor resizes to (recorded in config.json).
 """
 
 from __future__ import annotations
@@ -33,7 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scope.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="hub id or local path (default: the embedded MiniLLaVA)")
     p.add_argument("--method", default="scope", help="pruning method(s), comma-separated; 'none' = unpruned")
-    p.add_argument("--budget", default="64", help="visual-token budget(s), comma-separated")
+    p.add_argument(
+        "--budget",
+        default="64",
+        help="visual-token budget(s), comma-separated: tokens per image, or on Qwen-VL a share such as 0.25",
+    )
     p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. alpha=0.5"
     )
@@ -50,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="inputs as the paper's runs or as the checkpoint's processor (default: paper for real "
         "checkpoints, hf for the embedded ones)",
     )
+    p.add_argument("--min-pixels", type=int, default=None, help="Qwen-VL: smallest image area after resizing")
+    p.add_argument("--max-pixels", type=int, default=None, help="Qwen-VL: largest image area after resizing")
     p.add_argument(
         "--show-prompts", action="store_true", help="print the model's inputs for the first --limit questions"
     )
@@ -82,10 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     if not methods:
         raise SystemExit(f"--method={args.method!r} names no method; give one or more, comma-separated")
-    try:
-        budgets = [int(b) for b in args.budget.split(",") if b.strip()]
-    except ValueError:
-        raise SystemExit(f"--budget={args.budget!r} must be integers separated by commas") from None
+    budgets = parse_budgets(args.budget)
     if not budgets:
         raise SystemExit(f"--budget={args.budget!r} names no budget; give one or more, comma-separated")
     options = {}
@@ -117,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         options=options,
         model_id=args.model,
         protocol=args.protocol,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
         datasets=datasets,
         data_dir=args.datasets_dir,
         overwrite=args.overwrite,
@@ -149,6 +158,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def parse_budgets(text: str) -> list[int | float]:
+    """``--budget``: comma-separated token counts (``64``) or shares in (0, 1] (``0.25``, Qwen-VL)."""
+    out: list[int | float] = []
+    for b in (b.strip() for b in text.split(",")):
+        if not b:
+            continue
+        try:
+            out.append(int(b))
+        except ValueError:
+            try:
+                share = float(b)
+            except ValueError:
+                share = None
+            if share is None or not 0 < share <= 1:
+                raise SystemExit(
+                    f"--budget={text!r} must be token counts (64) or shares in (0, 1] (0.25), separated by "
+                    "commas"
+                ) from None
+            out.append(share)
+    return out
+
+
 def fixture_datasets(tasks: str) -> dict:
     """{task: its fixture dataset} for ``--fixtures`` (SynthBench renders itself offline and has none)."""
     from scope.eval.fixtures import FIXTURES, fixture
@@ -164,9 +195,9 @@ def fixture_datasets(tasks: str) -> dict:
 def show_prompts(args: argparse.Namespace, datasets: dict) -> str:
     """What ``--show-prompts`` prints: per task, the first ``--limit`` (default 3) questions' model inputs
     under the run's protocol (:func:`scope.protocol.model_inputs`), from the processor alone."""
-    from scope.eval.tasks import parse_tasks, prepare
+    from scope.eval.tasks import parse_tasks
     from scope.load import load_processor
-    from scope.protocol import format_inputs, model_inputs, resolve_protocol
+    from scope.protocol import limited_pixels, resolve_protocol
 
     try:
         processor = load_processor(args.model)
@@ -176,6 +207,20 @@ def show_prompts(args: argparse.Namespace, datasets: dict) -> str:
         raise SystemExit(str(err)) from None
     limit = args.limit or 3
     out = [f"model={args.model or 'embedded MiniLLaVA'} protocol={protocol.name} ({protocol.summary})"]
+    try:
+        with limited_pixels(processor, args.min_pixels, args.max_pixels):
+            out += _task_inputs(args, processor, protocol, tasks, datasets, limit)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    return "\n".join(out)
+
+
+def _task_inputs(args, processor, protocol, tasks, datasets: dict, limit: int) -> list[str]:
+    """:func:`show_prompts`' lines for every task."""
+    from scope.eval.tasks import prepare
+    from scope.protocol import format_inputs, model_inputs
+
+    out = []
     for base in tasks:
         task = base.under(protocol)
         if task.name in datasets:
@@ -186,7 +231,7 @@ def show_prompts(args: argparse.Namespace, datasets: dict) -> str:
             inputs = model_inputs(processor, task.prompt(docs[i]), task.images(docs[i]), protocol)
             out.append(format_inputs(f"[{task.name} #{i}] qid={task.qid(docs[i])}", inputs))
             out[-1] += f"\n  max new tokens: {args.max_new_tokens or task.max_new_tokens}"
-    return "\n".join(out)
+    return out
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""An lmms-eval model, ``scope_llava``: any LLaVA / LLaVA-NeXT checkpoint, pruned by ``scope.patch``.
+"""An lmms-eval model, ``scope_llava``: any LLaVA / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL checkpoint, pruned by
+``scope.patch``.
 
 For users who already run the field's harness (``pip install 'scope-pruning[lmms]'``)::
 
@@ -6,6 +7,8 @@ For users who already run the field's harness (``pip install 'scope-pruning[lmms
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=scope,budget=64,dtype=float16 \\
         --tasks gqa,mme,pope --batch_size 8
 
+    lmms-eval --model scope_llava --tasks gqa,mmbench_en_dev,mme,pope --batch_size 1 \\
+        --model_args pretrained=Qwen/Qwen2-VL-7B-Instruct,method=scope,budget=0.25,dtype=bfloat16
     torchrun --nproc_per_node 2 -m lmms_eval --model scope_llava --model_args ...   # one GPU per process
     accelerate launch --num_processes 2 -m lmms_eval --model scope_llava --model_args ...
 
@@ -19,8 +22,12 @@ For users who already run the field's harness (``pip install 'scope-pruning[lmms
   model answers them) or ``hf`` (the checkpoint's own processor and chat template; the default for the
   embedded models); see :mod:`scope.protocol`. Task prompts are lmms-eval's own: for the authors' TextVQA
   prompt use a task config with ``ocr: true``;
+  Qwen-VL checkpoints get their own chat template under both protocols (what lmms-eval's ``qwen2_vl`` model
+  sends);
+- ``min_pixels``, ``max_pixels``: Qwen-VL only, the image areas the processor resizes to (default the
+  checkpoint's, 3136 and 12845056, as lmms-eval's ``qwen2_vl`` model);
 - pruning: ``method`` (default "scope"; "none" = unpruned), ``budget`` (default 64; ``none`` for PDrop's
-  reference schedule);
+  reference schedule; on Qwen-VL a share such as ``0.25``);
 - ``max_new_tokens`` (default: the task's);
 - every other key is an option of the method (``alpha=0.5``, ``combine=add``, ``layers=[8,16,24]``...).
   Options are checked against the method and the loaded model when the model is built
@@ -55,7 +62,7 @@ from scope.eval.rundir import json_value
 from scope.eval.tasks import get_task
 from scope.load import resolve_dtype
 from scope.methods import IN_LLM, get_method, is_unpruned
-from scope.protocol import PROTOCOLS, applied, prepare_images, resolve_protocol, run_options
+from scope.protocol import PROTOCOLS, applied, limited_pixels, prepare_images, resolve_protocol, run_options
 
 # --model_args keys passed on to scope.load (from_pretrained); pretrained, dtype and device are arguments
 LOAD_KEYS = ("attn_implementation", "device_map", "revision")
@@ -69,6 +76,8 @@ _FIXED_KEYS = (
     "device",
     "protocol",
     "max_new_tokens",
+    "min_pixels",
+    "max_pixels",
 )
 
 
@@ -113,14 +122,23 @@ parse_dtype = resolve_dtype  # lmms-eval's dtype=float16 / torch.float16 / auto
 
 
 def _budget(value: Any) -> Any:
-    """lmms-eval hands ``budget`` over as int, float or string; ``none`` means None (PDrop's schedule)."""
+    """lmms-eval hands ``budget`` over as int, float or string; ``none`` means None (PDrop's schedule), a
+    whole number a token count, a fraction (``0.25``) a share of each image's tokens (Qwen-VL)."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
         return None
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str):
+        value = json_value(value.strip())
+    if isinstance(value, float) and value.is_integer() and value > 1:
         return int(value)
     return value  # scope.patch.check names anything else
+
+
+def _int_or_none(value: Any) -> Any:
+    """A pixel limit as lmms-eval hands it over (int or string); anything not a whole number is left for
+    :func:`scope.protocol.limited_pixels` to name."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return value
 
 
 def target_device(device: str | torch.device | None, state: Any) -> torch.device:
@@ -187,6 +205,8 @@ class ScopeLlava(lmms):
         dtype: str | None = None,
         protocol: str | None = None,
         max_new_tokens: int | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
         model: Any = None,
         processor: Any = None,
         **kwargs: Any,
@@ -220,6 +240,9 @@ class ScopeLlava(lmms):
         options = run_options(self.protocol, method, budget, model, options)
         self.method, self.budget, self.options = method, budget, dict(options)
         self.max_new_tokens = max_new_tokens
+        self.pixels = (_int_or_none(min_pixels), _int_or_none(max_pixels))
+        with limited_pixels(self.processor, *self.pixels):  # a bad limit, or limits for LLaVA, fail here
+            pass
         with _explained(method):  # patch checks everything first and replaces an earlier patch
             if is_unpruned(method):  # the unpruned model runs unpatched
                 check(self.model, method, budget, **self.options)
@@ -268,7 +291,7 @@ class ScopeLlava(lmms):
             prompts = [build_prompt(self.processor, ctx, len(v), p) for (ctx, *_), v in zip(chunk, visuals)]
             gen = chunk[0][1] or {}
             mnt = self.max_new_tokens or int(gen.get("max_new_tokens", 16))
-            with applied(self.processor, self.model, p):
+            with applied(self.processor, self.model, p), limited_pixels(self.processor, *self.pixels):
                 texts, _ = generate_answers(self.model, self.processor, prompts, visuals, mnt)
             for (_, g, *_), text in zip(chunk, texts):
                 until = (g or {}).get("until") or []

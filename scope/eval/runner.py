@@ -39,7 +39,16 @@ from scope.eval.rundir import (
 )
 from scope.eval.tasks import Task, get_task, parse_tasks, prepare
 from scope.methods import IN_LLM, NONE, UNPRUNED, get_method, is_unpruned
-from scope.protocol import HF, Protocol, applied, prepare_images, resolve_protocol, run_options
+from scope.protocol import (
+    HF,
+    Protocol,
+    applied,
+    limited_pixels,
+    pixel_limits,
+    prepare_images,
+    resolve_protocol,
+    run_options,
+)
 
 # Fields of config.json that make a run's identity: every setting that can change an answer. A resumed run
 # must agree on all of them (batch size: padding changes the arithmetic; dtype: the rounding).
@@ -56,10 +65,11 @@ IDENTITY = (
     "dtype",
     "batch_size",
     "protocol",
+    "pixels",
 )
 # what a field missing from an older config.json meant (runs before protocols existed used the checkpoint's
 # own processor and template)
-IDENTITY_DEFAULTS = {"protocol": HF.name}
+IDENTITY_DEFAULTS = {"protocol": HF.name, "pixels": None}
 
 
 def _dist(rank: int | None, world_size: int | None):
@@ -92,7 +102,7 @@ def evaluate(
     *,
     out_dir: str | Path,
     method: str | None = None,
-    budget: int | None = None,
+    budget: int | float | None = None,
     options: dict[str, Any] | None = None,
     limit: int | None = None,
     batch_size: int = 8,
@@ -100,6 +110,8 @@ def evaluate(
     seed: int = 0,
     model_id: str | None = None,
     protocol: str | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
     datasets: dict[str, Any] | None = None,
     data_dir: str | None = None,
     task_kwargs: dict[str, dict] | None = None,
@@ -116,10 +128,13 @@ def evaluate(
         method, budget, options: pruning for this run. The model is patched with
             ``scope.patch(model, method, budget, **options)`` for the run and unpatched afterwards; "none"
             evaluates the unpruned model; None evaluates the model as it is (and records it as given).
+            ``budget``: tokens per image, or on Qwen-VL a float share of each image's tokens (0.25).
         limit: first ``limit`` questions of every task (SynthBench: a family-balanced prefix).
         batch_size, max_new_tokens: prompts per generate() call (left padding); generation length (default:
             the task's). seed: torch seed (and SynthBench's) for reproducibility; decoding is greedy.
         protocol: "paper" or "hf" (:func:`run_protocol`); under "paper" ``options`` update the authors'.
+        min_pixels, max_pixels: native-resolution (Qwen-VL) processors resize every image between these
+            areas for the run (None: the processor's own); config.json records the limits used (``pixels``).
         datasets, data_dir: {task name: dataset} used instead of loading (offline fixtures); local benchmark
             copies tried before the hub (:mod:`scope.eval.sources`).
         task_kwargs: {task name: kwargs for its loader}, e.g. {"synthbench": {"image_size": 384}}.
@@ -135,21 +150,31 @@ def evaluate(
     datasets = {get_task(k).name: v for k, v in (datasets or {}).items()}
     out_dir = Path(out_dir)
     rank, world_size, state = _dist(rank, world_size)
-    is_main = rank == 0
     method, budget, options = _given_pruning(model, method, budget, options)
     proto = run_protocol(model, processor, model_id, protocol)
     options = run_options(proto, method, budget, model, options)  # what config.json records
     _check_pruning(model, method, budget, options)  # before anything is written
-    config = run_config(model, model_id, method, budget, options, limit, seed, max_new_tokens, task_kwargs)
-    config.update(tasks=[t.name for t in task_list], batch_size=batch_size, world_size=world_size)
-    config.update(protocol=proto.name, data_dir=data_dir)  # protocol: part of IDENTITY
+    with limited_pixels(processor, min_pixels, max_pixels):  # checks the limits before anything is written
+        config = run_config(
+            model, model_id, method, budget, options, limit, seed, max_new_tokens, task_kwargs
+        )
+        config.update(tasks=[t.name for t in task_list], batch_size=batch_size, world_size=world_size)
+        config.update(protocol=proto.name, data_dir=data_dir, pixels=pixel_limits(processor))  # IDENTITY
+        return _run(model, processor, task_list, config, datasets, out_dir, rank, state, progress, overwrite)
+
+
+def _run(model, processor, task_list, config, datasets, out_dir: Path, rank, state, progress, overwrite):
+    """:func:`evaluate` once its arguments are checked and ``config`` is complete."""
+    is_main = rank == 0
+    method, budget, options = config["method"], config["budget"], config["options"]
+    proto = resolve_protocol(protocol=config["protocol"])
     lock = RunLock(out_dir) if is_main else None
     # the main process takes the directory; a refusal (another run there, another process on it) is
     # raised on every rank, not on the main one alone while the others wait at a barrier
     on_every_rank(state, (lambda: _open(lock, out_dir, config, overwrite)) if is_main else None)
     with lock if lock is not None else contextlib.nullcontext():
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(seed)
+        torch.manual_seed(config["seed"])
         t0 = time.perf_counter()
         results: dict[str, Any] = {"config": brief_config(config), "tasks": {}}
         with _pruning(model, method, budget, options), applied(processor, model, proto):
@@ -166,7 +191,7 @@ def evaluate(
     return results
 
 
-def _given_pruning(model: Any, method: str | None, budget: int | None, options: dict | None):
+def _given_pruning(model: Any, method: str | None, budget: int | float | None, options: dict | None):
     """(method, budget, options) of the run: as given, or with no method what the model was patched with
     (e.g. by scope.load), so that config.json records it."""
     patched = getattr(model, "__dict__", {}).get("_scope")
@@ -389,7 +414,7 @@ def sweep(
     *,
     out_root: str | Path,
     methods: Sequence[str] = ("scope",),
-    budgets: Sequence[int] = (64,),
+    budgets: Sequence[int | float] = (64,),
     include_unpruned: bool = True,
     **kwargs: Any,
 ) -> dict[str, dict]:
@@ -399,10 +424,13 @@ def sweep(
     through this. The vision tower runs once per batch of images for all the runs
     (:func:`scope.patch.reuse_vision_features`): the runs see the same batches, so nothing changes but time.
     Each combination gets its own run directory ``out_root/<method>-<budget>`` (``none`` for the unpruned
-    one), so interrupted sweeps resume per combination. Returns {run name: results}.
+    one; a share keeps its decimal point: ``scope-0.25``), so interrupted sweeps resume per combination.
+    Returns {run name: results}.
     """
     out_root = Path(out_root)
-    runs: list[tuple[str, str, int | None]] = [(UNPRUNED, UNPRUNED, None)] if include_unpruned else []
+    runs: list[tuple[str, str, int | float | None]] = []
+    if include_unpruned:
+        runs.append((UNPRUNED, UNPRUNED, None))
     runs += [(f"{m}-{b}", m, b) for m in methods if not is_unpruned(m) for b in budgets]
     out = {}
     from scope.patch import reuse_vision_features

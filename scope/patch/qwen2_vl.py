@@ -288,8 +288,12 @@ def _pruned_images(model, state: PatchState, pixel_values, grid_thw):
     rows, kept = [], []
     for i, (f, s, k, b) in enumerate(zip(feats, sal, keys, budgets)):
         out = select_rows(f[None], s[None], k[None], b, state.method, options, pixels[i].reshape(1, -1))
-        kept.append(out.indices[0])
-        rows.append(out.features[0])
+        idx, r = out.indices[0], out.features[0]
+        if bool((idx < 0).any()):
+            raise ValueError(f"method {state.method!r} kept a CLS row (keep_cls); Qwen-VL encoders have none")
+        order = idx.argsort()  # rows fill the kept placeholders in sequence order
+        kept.append(idx[order])
+        rows.append(r[order])
     state.last = {"tokens_per_image": budgets, "indices": kept, "n_tokens": sizes}
     return rows, kept, sizes
 
