@@ -214,3 +214,21 @@ def test_bad_arguments(tmp_path, bad):
 def test_unknown_task(tmp_path):
     with pytest.raises(ValueError, match="vqav2"):
         evaluate(ScriptedModel({}), CharProcessor(), "pope,vqav2", out_dir=tmp_path, progress=False)
+
+
+def test_resume_refuses_fixture_answers_for_loaded_data(tmp_path):
+    # a run on in-memory data (--fixtures) must not be resumed on the benchmark loaded from its source: the
+    # loaded run would take the fixture answers for its first questions (the log is keyed by row index)
+    fake, real = fixture("pope"), fixture("pope").map(lambda d: {"question": "Real: " + d["question"]})
+    real.save_to_disk(str(tmp_path / "data" / "POPE"))
+    _run(tmp_path / "run", ScriptedModel({}), fake)
+    with pytest.raises(ValueError, match="pope"):
+        evaluate(ScriptedModel({}), CharProcessor(), "pope", out_dir=tmp_path / "run",
+                 data_dir=str(tmp_path / "data"), progress=False)  # fmt: skip
+    res = evaluate(ScriptedModel({}), CharProcessor(), "pope", out_dir=tmp_path / "loaded",
+                   data_dir=str(tmp_path / "data"), progress=False)  # fmt: skip
+    assert res["tasks"]["pope"]["n"] == 6
+    recs = read_jsonl(tmp_path / "loaded" / "samples" / "pope.jsonl")
+    assert all(r["prompt"].startswith("USER: <image>\nReal: ") for r in recs)
+    evaluate(ScriptedModel({}), CharProcessor(), "pope", out_dir=tmp_path / "loaded",
+             data_dir=str(tmp_path / "data"), progress=False)  # fmt: skip -- loaded again: resumes

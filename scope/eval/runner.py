@@ -160,6 +160,7 @@ def evaluate(
         )
         config.update(tasks=[t.name for t in task_list], batch_size=batch_size, world_size=world_size)
         config.update(protocol=proto.name, data_dir=data_dir, pixels=pixel_limits(processor))  # IDENTITY
+        config.update(datasets_given=sorted(t.name for t in task_list if t.name in datasets))
         return _run(model, processor, task_list, config, datasets, out_dir, rank, state, progress, overwrite)
 
 
@@ -219,10 +220,33 @@ def _check_sizes(batch_size: int, max_new_tokens: int | None) -> None:
 def _open(lock: RunLock, out_dir: Path, config: dict, overwrite: bool) -> None:
     lock.acquire()
     try:
+        if not overwrite:
+            _check_given_datasets(out_dir, config)
         open_run_dir(out_dir, config, IDENTITY, overwrite, IDENTITY_DEFAULTS)
     except BaseException:
         lock.release()
         raise
+
+
+def _check_given_datasets(out_dir: Path, config: dict) -> None:
+    """Refuse to resume a task on data from another kind of source than the run there used: in-memory
+    datasets (``datasets=``, ``--fixtures``) against ones loaded from their source. The logs are keyed by
+    row index, so the resumed run would silently keep the other data's answers for its first rows. Sets
+    ``config["datasets_given"]`` to the union over the run's tasks, as config.json records it."""
+    path = out_dir / "config.json"
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    given, old_given = set(config["datasets_given"]), set(old.get("datasets_given", []))
+    clash = [t for t in config["tasks"] if t in old.get("tasks", []) and (t in given) != (t in old_given)]
+    if clash:
+        how = {True: "given in memory (datasets= / --fixtures)", False: "loaded from its source"}
+        lines = "; ".join(f"{t}: {how[t in old_given]} there, {how[t in given]} now" for t in clash)
+        raise ValueError(
+            f"out_dir={str(out_dir)!r} holds a run on other data ({lines}); use a new out_dir or "
+            "overwrite=True (--overwrite)"
+        )
+    config["datasets_given"] = sorted(given | (old_given - set(config["tasks"])))
 
 
 def on_every_rank(state, main_step) -> None:
