@@ -64,7 +64,7 @@ import torch
 from scope.methods import NONE, get_method
 
 from .calls import bind_call, restore_prompt, shift_lengths
-from .llava import select_rows
+from .llava import select_rows, uninstall  # uninstall: the same instance attributes to restore
 from .state import PatchState, left_pack
 
 __all__ = [
@@ -400,12 +400,3 @@ def install(model, state: PatchState) -> None:
 
     model.forward = forward
     model.generate = generate
-
-
-def uninstall(model, state: PatchState) -> None:
-    """Restore the instance attributes ``install`` replaced."""
-    for name, value in state.saved.items():
-        if value is None:
-            model.__dict__.pop(name, None)
-        else:
-            model.__dict__[name] = value
