@@ -52,13 +52,22 @@ def model_name(model: str | None) -> str:
     return str(model)
 
 
-def run_group(model: str | None, tasks: str, limit: int | None, seed: int) -> str:
-    """Folder name for the runs of one (model, tasks, limit, seed): notebooks share finished runs through it."""
+def run_group(
+    model: str | None, tasks: str, limit: int | None, seed: int, protocol: str | None = None
+) -> str:
+    """Folder name for the runs of one (model, tasks, limit, seed): notebooks share finished runs through it.
+
+    A ``protocol`` other than the model's default (:func:`scope.protocol.resolve_protocol`) is part of the
+    name, so runs under both protocols sit side by side instead of refusing to resume into each other."""
     from scope.eval.rundir import checkpoint_fingerprint
+    from scope.protocol import resolve_protocol
 
     name = "minillava" if model is None else Path(str(model)).name or str(model)
     tasks = str(tasks).replace(",", "+")
     group = f"{name}_{tasks}_limit{limit if limit is not None else 'all'}_seed{seed}"
+    chosen = resolve_protocol(model, protocol)
+    if chosen != resolve_protocol(model):
+        group += f"_{chosen.name}"
     # a local checkpoint (the embedded default included) is named by its weights, so retraining starts fresh
     fingerprint = checkpoint_fingerprint(MINILLAVA_DIR if model is None else str(model))
     return f"{group}_{fingerprint[7:]}" if fingerprint else group
@@ -127,6 +136,7 @@ def fine_detail(
 
         def load(checkpoint):
             return scope_load(checkpoint, device=device, dtype=dtype)
+
     frames = []
     for label, (checkpoint, side, pruned) in groups.items():
         run_root = Path(root) / (Path(str(checkpoint)).name or str(checkpoint))

@@ -36,6 +36,19 @@ def test_run_groups_are_stable():
         notebook.run_group("llava-hf/llava-1.5-7b-hf", "gqa,pope", None, 1)
         == "llava-1.5-7b-hf_gqa+pope_limitall_seed1"
     )
+    # the default protocol (paper for a hub id, hf for the embedded model) adds nothing; the other is named
+    assert (
+        notebook.run_group("llava-hf/llava-1.5-7b-hf", "gqa", None, 1, "paper")
+        == "llava-1.5-7b-hf_gqa_limitall_seed1"
+    )
+    assert (
+        notebook.run_group("llava-hf/llava-1.5-7b-hf", "gqa", None, 1, "hf")
+        == "llava-1.5-7b-hf_gqa_limitall_seed1_hf"
+    )
+    assert (
+        notebook.run_group(None, "synthbench", 96, 0, "hf") == f"minillava_synthbench_limit96_seed0_{fp[7:]}"
+    )
+    assert notebook.run_group(None, "synthbench", 96, 0, "paper").endswith(f"_paper_{fp[7:]}")
 
 
 def test_a_retrained_local_checkpoint_gets_a_new_fingerprint(tmp_path):
