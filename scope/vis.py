@@ -7,6 +7,12 @@ Every figure goes through :func:`save_figure` (PNG for the README, PDF for print
 what made it, and writes it where :func:`scope.report.save_table` writes tables. Colours and markers come
 from the method registry (:mod:`scope.methods`, seaborn's colour-blind-safe palette), so a method is the
 same colour in every figure; labels are :func:`scope.report.method_label`.
+
+Figures a reader can trust: every shaded band and error bar says in the legend what it is (e.g. "95%
+bootstrap CI"); legends sit beside or below the axes, not on the data; curves that would hide each other
+are shifted apart by a small x offset; and in-LLM methods (FastV, PDrop), which keep every visual token for
+their first layers, are drawn at the visual tokens an LLM layer sees on average (``equivalent_tokens``),
+not at their nominal budget (:func:`plotted_tokens`).
 """
 
 from __future__ import annotations
@@ -20,10 +26,10 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.colors import to_rgb
-from matplotlib.patches import Rectangle
+from matplotlib.patches import Patch, Rectangle
 
 from scope import lock
-from scope.methods import METHODS, PALETTE, find_method
+from scope.methods import IN_LLM, METHODS, PALETTE, find_method
 from scope.report import check_columns, check_name, method_label, output_dir
 
 
@@ -278,7 +284,10 @@ def plot_theta_coverage(data: pd.DataFrame, ax: plt.Axes | None = None, title: s
     ax.set_xlabel(r"$\theta$ (cosine-similarity threshold)")
     ax.set_ylabel(r"$\theta$-coverage (% of all tokens)")
     ax.set_ylim(-2, 102)
-    ax.legend(title="Method")
+    handles, labels = ax.get_legend_handles_labels()
+    handles.append(Patch(color="0.5", alpha=0.25, lw=0))
+    labels.append("band: 95% bootstrap CI over images")
+    ax.legend(handles, labels, title="Method", **LEGEND_RIGHT)
     if title:
         ax.set_title(title)
     return ax
@@ -317,10 +326,34 @@ def plot_attention_skew(
     ax.set_xlabel("Token rank by CLS attention")
     ax.set_ylabel("CLS attention (% of image total)")
     ax.set_xlim(1, share.shape[1])
-    ax.legend()
+    ax.legend(loc="upper right")  # the curve falls from the top left: the upper right is empty
     if title:
         ax.set_title(title)
     return ax
+
+
+LEGEND_RIGHT = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": 8, "borderaxespad": 0.0}
+CI_LABEL = "95% bootstrap CI"
+
+
+def plotted_tokens(data: pd.DataFrame) -> pd.Series:
+    """Where each row of ``data`` goes on a tokens axis: ``equivalent_tokens`` (visual tokens per LLM layer,
+    averaged over the layers) for in-LLM methods, which keep every token for their first layers and so
+    cost far more than their nominal budget; the ``budget`` (tokens entering the LLM) otherwise, and
+    wherever ``equivalent_tokens`` is missing."""
+    check_columns(data, ["method", "budget"])
+    x = pd.to_numeric(data["budget"], errors="coerce").astype(float)
+    if "equivalent_tokens" not in data.columns:
+        return x
+    records = [find_method(m) for m in data["method"]]
+    in_llm = np.array([r is not None and r.stage == IN_LLM for r in records])
+    eq = pd.to_numeric(data["equivalent_tokens"], errors="coerce").astype(float)
+    return x.where(~(in_llm & eq.notna().to_numpy()), eq)
+
+
+def _offsets(n: int, step: float) -> np.ndarray:
+    """``n`` offsets ``step`` apart, centred on 0 (curve i of n is shifted by offsets[i])."""
+    return step * (np.arange(n) - (n - 1) / 2)
 
 
 def plot_budget_curves(
@@ -332,62 +365,124 @@ def plot_budget_curves(
     ylabel: str = "Accuracy (%)",
     title: str | None = None,
     logx: bool = True,
+    band_label: str = CI_LABEL,
+    jitter: float = 0.04,
+    legend: str | None = "right",
 ) -> plt.Axes:
-    """Score vs number of kept visual tokens, one curve per method (Fig. 4 / Fig. 6 style).
+    """Score vs visual tokens, one curve per method (Fig. 4 / Fig. 6 style).
 
-    ``data`` has columns ``method``, ``budget`` and ``y``; optional ``lo``/``hi`` columns draw an error
-    band (e.g. a bootstrap CI). ``reference`` draws the unpruned model as a dashed line.
+    ``data`` has columns ``method``, ``budget`` and ``y``; ``equivalent_tokens`` places in-LLM methods at
+    their layer-averaged tokens (:func:`plotted_tokens`; the x label then says so). Optional ``lo``/``hi``
+    columns draw a band, named ``band_label`` in the legend (say what it is). ``reference`` draws the
+    unpruned model as a dashed line. Curve i of n is shifted by ``jitter`` x (i - (n-1)/2) octaves (log x)
+    or that fraction of the x range (linear), so that equal curves stay visible side by side. ``legend``:
+    "right" (beside the axes), "below", or None (e.g. one :func:`figure_legend` for several panels).
     """
     check_columns(data, ["method", "budget", y])
+    if legend not in ("right", "below", None):
+        raise ValueError(f"legend={legend!r} must be 'right', 'below' or None")
     ax = ax or plt.gca()
+    data = data.assign(_x=plotted_tokens(data).to_numpy())
     order = _method_order(data["method"])
     colors, markers = method_colors(order), method_markers(order)
-    for m in order:
-        d = data[data["method"] == m].sort_values("budget")
-        ax.plot(d["budget"], d[y], marker=markers[m], color=colors[m], lw=2, ms=6, label=method_label(m))
+    span = float(data["_x"].max() - data["_x"].min()) or 1.0
+    banded = False
+    for m, offset in zip(order, _offsets(len(order), jitter)):
+        d = data[data["method"] == m].sort_values("_x")
+        x = d["_x"] * 2.0**offset if logx else d["_x"] + offset * span
+        ax.plot(x, d[y], marker=markers[m], color=colors[m], lw=2, ms=6, label=method_label(m))
         if {"lo", "hi"} <= set(d.columns) and d[["lo", "hi"]].notna().all().all():
-            ax.fill_between(d["budget"], d["lo"], d["hi"], color=colors[m], alpha=0.15, lw=0)
+            ax.fill_between(x, d["lo"], d["hi"], color=colors[m], alpha=0.15, lw=0)
+            banded = True
     if reference is not None:
         ax.axhline(reference, color="black", ls="--", lw=1.2, label=reference_label)
     if logx:
         ax.set_xscale("log", base=2)
-        budgets = sorted(data["budget"].unique())
+        budgets = sorted(pd.to_numeric(data["budget"], errors="coerce").dropna().unique())
         ax.set_xticks(budgets)
-        ax.set_xticklabels([str(int(b)) for b in budgets])
+        ax.set_xticklabels([f"{b:g}" for b in budgets])
         ax.minorticks_off()
-    ax.set_xlabel("Visual tokens kept (entering the LLM)")
+    moved = (plotted_tokens(data) != pd.to_numeric(data["budget"], errors="coerce")).any()
+    ax.set_xlabel(
+        "Visual tokens per LLM layer (FastV, PDrop: layer average)"
+        if moved
+        else "Visual tokens kept (entering the LLM)"
+    )
     ax.set_ylabel(ylabel)
-    ax.legend()
+    if banded:
+        ax.fill_between([], [], [], color="0.5", alpha=0.25, lw=0, label=f"band: {band_label}")
+    if legend == "right":
+        ax.legend(**LEGEND_RIGHT)
+    elif legend == "below":
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=4, fontsize=8)
     if title:
         ax.set_title(title)
     return ax
 
 
+def figure_legend(fig: plt.Figure, axes: Iterable[plt.Axes], ncol: int = 5) -> None:
+    """One legend below all ``axes`` of ``fig`` with every distinct label of their artists (first one wins),
+    for panels that share methods; call before :func:`save_figure`."""
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    fig.legend(list(seen.values()), list(seen), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=ncol,
+               fontsize=8, frameon=False)  # fmt: skip
+
+
 def plot_family_bars(
-    data: pd.DataFrame, hue: str = "label", ax: plt.Axes | None = None, title: str | None = None
+    data: pd.DataFrame,
+    hue: str = "label",
+    ax: plt.Axes | None = None,
+    title: str | None = None,
+    colors: Mapping[str, object] | None = None,
+    error_label: str = CI_LABEL,
+    legend: str | None = "right",
 ) -> plt.Axes:
     """Accuracy per benchmark column as grouped bars, one bar per ``hue`` value (e.g. model or method).
 
     ``data`` has columns ``column``, ``value`` and ``hue`` (``results_long`` rows plus a label); optional
-    ``lo``/``hi`` columns draw error bars (e.g. a bootstrap CI). Bars are in the row order of ``data``.
+    ``lo``/``hi`` columns draw error bars, named ``error_label`` in the legend. Bars are in the row order of
+    ``data``; ``colors`` maps hue values to colours (e.g. each method's registry colour), the colour-blind
+    palette otherwise. ``legend``: "right" (beside the axes), "below" or None.
     """
     check_columns(data, ["column", "value", hue])
     ax = ax or plt.gca()
     columns, groups = list(dict.fromkeys(data["column"])), list(dict.fromkeys(data[hue]))
     width = 0.8 / len(groups)
-    palette = sns.color_palette("colorblind", len(groups))
-    for g, (name, color) in enumerate(zip(groups, palette)):
+    palette = dict(zip(groups, sns.color_palette("colorblind", len(groups))))
+    palette.update(colors or {})
+    with_errors = False
+    for g, name in enumerate(groups):
         d = data[data[hue] == name].set_index("column").reindex(columns)
         x = np.arange(len(columns)) - 0.4 + width * (g + 0.5)
         err = None
         if {"lo", "hi"} <= set(d.columns) and d[["lo", "hi"]].notna().all().all():
             err = np.stack([d["value"] - d["lo"], d["hi"] - d["value"]])
-        ax.bar(x, d["value"], width, yerr=err, color=color, label=str(name), capsize=2, error_kw={"lw": 1})
+            with_errors = True
+        ax.bar(
+            x,
+            d["value"],
+            width,
+            yerr=err,
+            color=palette[name],
+            label=str(name),
+            capsize=2,
+            error_kw={"lw": 1},
+        )
     ax.set_xticks(np.arange(len(columns)))
     ax.set_xticklabels(columns)
     ax.set_ylabel("Accuracy (%)")
     ax.set_ylim(0, 105)
-    ax.legend(fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    if with_errors:
+        handles.append(plt.Line2D([], [], color="0.2", lw=1, marker="_", ms=8))
+        labels.append(f"error bars: {error_label}")
+    if legend == "right":
+        ax.legend(handles, labels, **LEGEND_RIGHT)
+    elif legend == "below":
+        ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8)
     if title:
         ax.set_title(title)
     return ax
@@ -400,6 +495,7 @@ def plot_alpha_and_combine(
     method: str,
     reference: tuple[str, float] | None = None,
     budget: int | None = None,
+    band_label: str = CI_LABEL,
 ) -> plt.Figure:
     """The alpha ablation (Fig. 6): accuracy vs alpha with its interval band (left), and the two ways of
     combining coverage gain and saliency as bars with error bars (right), the unpruned model dashed on both.
@@ -407,7 +503,8 @@ def plot_alpha_and_combine(
     ``alpha``: columns ``alpha``, ``value``, ``lo``, ``hi`` (one row per alpha, in plotting order);
     ``combine``: ``label``, ``value``, ``lo``, ``hi``; ``full``: the unpruned accuracy; ``method``: the method
     swept (its colour and label); ``reference``: (method, accuracy) drawn dotted as the alpha -> infinity limit
-    (saliency-only at the same budget); ``budget``: the tokens kept, for the titles.
+    (saliency-only at the same budget); ``budget``: the tokens kept, for the titles; ``band_label``: what the
+    band and the error bars are, for the legend.
     """
     check_columns(alpha, ["alpha", "value", "lo", "hi"], "alpha")
     check_columns(combine, ["label", "value", "lo", "hi"], "combine")
@@ -416,8 +513,10 @@ def plot_alpha_and_combine(
     color = method_colors([method])[method]
     x = range(len(alpha))
     label = f"{method_label(method)} (gain × saliency^α)"
-    axes[0].plot(x, alpha["value"], marker="o", color=color, lw=2, label=label)
-    axes[0].fill_between(x, alpha["lo"], alpha["hi"], color=color, alpha=0.15, lw=0)
+    axes[0].plot(x, alpha["value"], marker=method_markers([method])[method], color=color, lw=2, label=label)
+    axes[0].fill_between(
+        x, alpha["lo"], alpha["hi"], color=color, alpha=0.15, lw=0, label=f"band: {band_label}"
+    )
     axes[0].set_xticks(list(x), [f"{a:g}" for a in alpha["alpha"]])
     axes[0].axhline(full, color="black", ls="--", lw=1.2, label="All tokens")
     if reference is not None:
@@ -427,12 +526,82 @@ def plot_alpha_and_combine(
     axes[0].set_xlabel("α (exponent on saliency; 0 = coverage-only)")
     axes[0].set_ylabel("Accuracy (%)")
     axes[0].set_title("Sensitivity to α" + (f" at {tokens}" if tokens else ""))
-    axes[0].legend(fontsize=8)
+    axes[0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8)
     err = [combine["value"] - combine["lo"], combine["hi"] - combine["value"]]
     axes[1].bar(combine["label"], combine["value"], yerr=err, color=color, alpha=0.8, capsize=4)
     axes[1].axhline(full, color="black", ls="--", lw=1.2)
     axes[1].set_ylabel("Accuracy (%)")
     axes[1].set_title(f"Combining the two scores (α = 1{', ' + tokens if tokens else ''})")
+    axes[1].set_xlabel(f"error bars: {band_label}")
+    fig.tight_layout()
+    return fig
+
+
+def plot_latency(lat: pd.DataFrame, spread_label: str = "fastest–slowest of the repeats") -> plt.Figure:
+    """Measured prefill latency (left) and the selection's share of it (right), from
+    :func:`scope.latency.latency_table`.
+
+    Left: median prefill per method against the visual tokens an LLM layer sees on average (``visual_avg``;
+    FastV and PDrop keep every token for their first layers), error bars from ``prefill_ms_lo`` /
+    ``prefill_ms_hi``, the unpruned model as a dashed line with its spread shaded. Right: median selection
+    time as % of the median pruned prefill per budget (pre-LLM methods), error bars from the selection's
+    spread. ``spread_label`` says in the legends what the error bars are.
+    """
+    check_columns(
+        lat, ["method", "budget", "visual_avg", "prefill_ms", "prefill_ms_lo", "prefill_ms_hi", "select_ms"]
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [3, 2]})
+    base = lat[lat["method"] == "none"]
+    pruned = lat[lat["method"] != "none"]
+    order = _method_order(pruned["method"])
+    colors, markers = method_colors(order), method_markers(order)
+    ax = axes[0]
+    for m, offset in zip(order, _offsets(len(order), 0.03)):
+        d = pruned[pruned["method"] == m].sort_values("visual_avg")
+        err = np.stack([d["prefill_ms"] - d["prefill_ms_lo"], d["prefill_ms_hi"] - d["prefill_ms"]])
+        ax.errorbar(d["visual_avg"] * 2.0**offset, d["prefill_ms"], yerr=err, color=colors[m], marker=markers[m],
+                    lw=1.8, ms=6, capsize=3, label=method_label(m))  # fmt: skip
+    if len(base):
+        b = base.iloc[0]
+        ax.axhline(b["prefill_ms"], color="black", ls="--", lw=1.2, label=f"All tokens ({b['visual_avg']:g})")
+        ax.axhspan(b["prefill_ms_lo"], b["prefill_ms_hi"], color="0.5", alpha=0.2, lw=0)
+    ax.set_xscale("log", base=2)
+    ticks = sorted(pruned["budget"].unique())
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("Visual tokens per LLM layer (FastV, PDrop: layer average)")
+    ax.set_ylabel("Prefill latency (ms, median)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Prefill latency vs tokens")
+    handles, labels = ax.get_legend_handles_labels()
+    handles.append(plt.Line2D([], [], color="0.2", lw=1, marker="_", ms=8))
+    labels.append(f"error bars, shading: {spread_label}")
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=3, fontsize=8)
+    ax = axes[1]
+    pre = pruned[pruned["select_ms"].notna()]
+    budgets = sorted(pre["budget"].unique(), reverse=True)
+    pre_order = [m for m in order if m in set(pre["method"])]
+    width = 0.8 / max(len(pre_order), 1)
+    for g, m in enumerate(pre_order):
+        d = pre[pre["method"] == m].set_index("budget").reindex(budgets)
+        share = 100 * d["select_ms"] / d["prefill_ms"]
+        err = None
+        if {"select_ms_lo", "select_ms_hi"} <= set(d.columns):
+            err = np.stack(
+                [
+                    share - 100 * d["select_ms_lo"] / d["prefill_ms"],
+                    100 * d["select_ms_hi"] / d["prefill_ms"] - share,
+                ]
+            )
+        x = np.arange(len(budgets)) - 0.4 + width * (g + 0.5)
+        ax.bar(
+            x, share, width, yerr=err, color=colors[m], label=method_label(m), capsize=2, error_kw={"lw": 1}
+        )
+    ax.set_xticks(np.arange(len(budgets)), [f"{b:g}" for b in budgets])
+    ax.set_xlabel("Visual tokens kept")
+    ax.set_ylabel("Selection time (% of pruned prefill)")
+    ax.set_title("Selection overhead (measured)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2, fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -85,7 +85,9 @@ def test_theta_coverage_plot_has_one_curve_per_method_in_percent():
     ]
     ax = vis.plot_theta_coverage(pd.DataFrame(rows))
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels == ["SCOPE", "Saliency-only", "Random"]
+    assert labels == ["SCOPE", "Saliency-only", "Random", "band: 95% bootstrap CI over images"]
+    anchor = ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted())
+    assert anchor.x0 > 1.0  # beside the axes, not on the curves
     ys = np.concatenate([line.get_ydata() for line in ax.lines])
     assert ys.max() == pytest.approx(100.0) and ys.min() >= 0.0
     assert "%" in ax.get_ylabel()
@@ -118,6 +120,83 @@ def test_budget_curves_draw_reference_and_log_ticks():
     assert any(np.allclose(line.get_ydata(), 92.0) for line in ax.lines)
 
 
+def test_in_llm_methods_are_placed_at_their_layer_average():
+    df = pd.DataFrame(
+        {
+            "method": ["scope", "fastv", "pdrop", "pdrop"],
+            "budget": [64, 64, 64, 128],
+            "equivalent_tokens": [64.0, 320.0, None, 200.0],  # PDrop at 64: not recorded -> its budget
+        }
+    )
+    assert vis.plotted_tokens(df).tolist() == [64.0, 320.0, 64.0, 200.0]
+    assert vis.plotted_tokens(df.drop(columns="equivalent_tokens")).tolist() == [64.0, 64.0, 64.0, 128.0]
+
+
+def test_budget_curves_jitter_equal_curves_label_the_band_and_keep_the_legend_off_the_data():
+    df = pd.DataFrame(
+        {
+            "method": ["scope"] * 2 + ["divprune"] * 2 + ["fastv"] * 2,
+            "budget": [64, 192] * 3,
+            "equivalent_tokens": [64, 192, 64, 192, 320, 384],
+            "score": [80.0, 90.0] * 3,  # three identical curves
+            "lo": [75.0, 85.0] * 3,
+            "hi": [85.0, 95.0] * 3,
+        }
+    )
+    fig, ax = plt.subplots()
+    vis.plot_budget_curves(df, ax=ax, band_label="95% bootstrap CI (questions)")
+    curves = {line.get_label(): line for line in ax.lines}
+    scope_x, div_x = curves["SCOPE"].get_xdata(), curves["DivPrune"].get_xdata()
+    assert not np.allclose(scope_x, div_x)  # shifted apart ...
+    np.testing.assert_allclose(np.log2(div_x) - np.log2(scope_x), 0.04)  # ... by a fixed small step (octaves)
+    np.testing.assert_allclose(curves["FastV"].get_xdata(), np.array([320, 384]) * 2**0.04)  # layer average
+    assert ax.get_xlabel().startswith("Visual tokens per LLM layer")
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "band: 95% bootstrap CI (questions)" in labels
+    anchor = ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted())
+    assert anchor.x0 > 1.0
+    with pytest.raises(ValueError, match="legend"):
+        vis.plot_budget_curves(df, legend="inside")
+    plt.close(fig)
+
+
+def test_figure_legend_collects_each_label_once():
+    fig, axes = plt.subplots(1, 2)
+    for ax in axes:
+        ax.plot([0, 1], [0, 1], label="SCOPE")
+        ax.plot([0, 1], [1, 0], label="Random")
+    axes[1].plot([0, 1], [0.5, 0.5], label="All tokens")
+    vis.figure_legend(fig, axes)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["SCOPE", "Random", "All tokens"]
+    plt.close(fig)
+
+
+def test_latency_figure_draws_median_and_spread_per_method():
+    rows = [
+        {"method": "none", "budget": 576, "visual_avg": 576.0, "prefill_ms": 20.0, "prefill_ms_lo": 19.0,
+         "prefill_ms_hi": 22.0, "select_ms": float("nan"), "select_ms_lo": float("nan"), "select_ms_hi": float("nan")},
+        {"method": "scope", "budget": 64, "visual_avg": 64.0, "prefill_ms": 10.0, "prefill_ms_lo": 9.0,
+         "prefill_ms_hi": 12.0, "select_ms": 2.0, "select_ms_lo": 1.5, "select_ms_hi": 3.0},
+        {"method": "scope", "budget": 128, "visual_avg": 128.0, "prefill_ms": 14.0, "prefill_ms_lo": 13.0,
+         "prefill_ms_hi": 15.0, "select_ms": 2.8, "select_ms_lo": 2.0, "select_ms_hi": 3.5},
+        {"method": "fastv", "budget": 64, "visual_avg": 320.0, "prefill_ms": 18.0, "prefill_ms_lo": 17.0,
+         "prefill_ms_hi": 19.0, "select_ms": float("nan"), "select_ms_lo": float("nan"), "select_ms_hi": float("nan")},
+    ]  # fmt: skip
+    fig = vis.plot_latency(pd.DataFrame(rows))
+    left, right = fig.axes
+    curves = {c.get_label(): c.lines[0] for c in left.containers}  # errorbar: the data line of each container
+    scope_line = curves["SCOPE"]
+    assert list(scope_line.get_ydata()) == [10.0, 14.0]
+    assert to_hex(scope_line.get_color()) == to_hex(vis.method_colors(["scope"])["scope"])
+    fastv_line = curves["FastV"]
+    assert fastv_line.get_xdata()[0] == pytest.approx(320.0, rel=0.05)  # at its layer average, not 64
+    labels = [t.get_text() for t in left.get_legend().get_texts()]
+    assert "All tokens (576)" in labels and any(label.startswith("error bars") for label in labels)
+    shares = sorted(round(b.get_height(), 6) for b in right.patches)
+    assert shares == [20.0, 20.0]  # 2.8 / 14 and 2 / 10, in %
+    plt.close(fig)
+
+
 def test_family_bars_group_by_hue_in_row_order():
     df = pd.DataFrame(
         {
@@ -134,9 +213,13 @@ def test_family_bars_group_by_hue_in_row_order():
     assert [round(b.get_height()) for b in bars] == [30, 40, 80, 60]
     assert bars[0].get_x() < bars[2].get_x() < bars[1].get_x()  # A then B within each column
     assert [t.get_text() for t in ax.get_xticklabels()] == ["Read", "Count"]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["A", "B"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["A", "B", "error bars: 95% bootstrap CI"]
     with pytest.raises(ValueError, match="label"):
         vis.plot_family_bars(df.drop(columns="label"))
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    vis.plot_family_bars(df, ax=ax, colors={"B": "#cc78bc"})  # e.g. a method's registry colour
+    assert to_hex(ax.patches[2].get_facecolor()) == "#cc78bc"
     plt.close(fig)
 
 
@@ -171,7 +254,13 @@ def test_alpha_figure_draws_the_sweep_the_reference_and_the_combinations():
     flat = {round(line.get_ydata()[0], 6): line for line in left.lines[1:]}
     assert set(flat) == {80.0, 58.0} and flat[58.0].get_linestyle() == ":"
     labels = [t.get_text() for t in left.get_legend().get_texts()]
-    assert labels == ["SCOPE (gain × saliency^α)", "All tokens", "Saliency-only (α → ∞)"]
+    assert set(labels) == {
+        "SCOPE (gain × saliency^α)",
+        "band: 95% bootstrap CI",
+        "All tokens",
+        "Saliency-only (α → ∞)",
+    }
+    assert right.get_xlabel() == "error bars: 95% bootstrap CI"
     assert left.get_title() == "Sensitivity to α at 64 tokens"
     assert [round(b.get_height(), 6) for b in right.patches] == [75.0, 72.0]
     assert [t.get_text() for t in right.get_xticklabels()] == ["gain × saliency", "gain + saliency"]
