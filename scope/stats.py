@@ -52,6 +52,14 @@ __all__ = ["mcnemar", "bootstrap_mean_ci", "paired_bootstrap", "per_question", "
            "difference_table"]  # fmt: skip
 
 MCNEMAR, BOOTSTRAP = "McNemar", "paired bootstrap"
+# how a table's source line names the tests behind its markers
+TEST_NOTE = (
+    "markers: paired tests on the same questions at 95% (McNemar's exact test for a % correct, "
+    "else a paired bootstrap interval of the difference)"
+)
+# the columns of paired_tests (plus the notebooks' "against") that the saved test tables keep
+SAVED_COLUMNS = ["against", "label", "budget", "options", "column", "value", "reference_value", "diff",
+                 "diff lo", "diff hi", "only_run", "only_reference", "test", "p", "differs"]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------
