@@ -351,6 +351,17 @@ def plotted_tokens(data: pd.DataFrame) -> pd.Series:
     return x.where(~(in_llm & eq.notna().to_numpy()), eq)
 
 
+def _log2_ticks(ax: plt.Axes, ticks) -> None:
+    """A log2 x axis ticked at ``ticks``; a single tick gets half an octave on each side (else the axis
+    would shrink to the tiny offsets between curves)."""
+    ticks = sorted(float(t) for t in ticks)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    if len(ticks) == 1:
+        ax.set_xlim(ticks[0] / 2**0.5, ticks[0] * 2**0.5)
+
+
 def _offsets(n: int, step: float) -> np.ndarray:
     """``n`` offsets ``step`` apart, centred on 0 (curve i of n is shifted by offsets[i])."""
     return step * (np.arange(n) - (n - 1) / 2)
@@ -397,11 +408,7 @@ def plot_budget_curves(
     if reference is not None:
         ax.axhline(reference, color="black", ls="--", lw=1.2, label=reference_label)
     if logx:
-        ax.set_xscale("log", base=2)
-        budgets = sorted(pd.to_numeric(data["budget"], errors="coerce").dropna().unique())
-        ax.set_xticks(budgets)
-        ax.set_xticklabels([f"{b:g}" for b in budgets])
-        ax.minorticks_off()
+        _log2_ticks(ax, pd.to_numeric(data["budget"], errors="coerce").dropna().unique())
     moved = (plotted_tokens(data) != pd.to_numeric(data["budget"], errors="coerce")).any()
     ax.set_xlabel(
         "Visual tokens per LLM layer (FastV, PDrop: layer average)"
@@ -565,10 +572,7 @@ def plot_latency(lat: pd.DataFrame, spread_label: str = "fastest–slowest of th
         b = base.iloc[0]
         ax.axhline(b["prefill_ms"], color="black", ls="--", lw=1.2, label=f"All tokens ({b['visual_avg']:g})")
         ax.axhspan(b["prefill_ms_lo"], b["prefill_ms_hi"], color="0.5", alpha=0.2, lw=0)
-    ax.set_xscale("log", base=2)
-    ticks = sorted(pruned["budget"].unique())
-    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-    ax.minorticks_off()
+    _log2_ticks(ax, pruned["budget"].unique())
     ax.set_xlabel("Visual tokens per LLM layer (FastV, PDrop: layer average)")
     ax.set_ylabel("Prefill latency (ms, median)")
     ax.set_ylim(bottom=0)
