@@ -351,10 +351,14 @@ def plotted_tokens(data: pd.DataFrame) -> pd.Series:
     return x.where(~(in_llm & eq.notna().to_numpy()), eq)
 
 
-def _log2_ticks(ax: plt.Axes, ticks) -> None:
-    """A log2 x axis ticked at ``ticks``; a single tick gets half an octave on each side (else the axis
-    would shrink to the tiny offsets between curves)."""
+def _log2_ticks(ax: plt.Axes, ticks, extend_to: float | None = None) -> None:
+    """A log2 x axis ticked at ``ticks``, plus 2^k and 1.5 x 2^k between the largest tick and ``extend_to``
+    (where in-LLM methods' layer averages lie); a single tick gets half an octave on each side (else the
+    axis would shrink to the tiny offsets between curves)."""
     ticks = sorted(float(t) for t in ticks)
+    if extend_to is not None and ticks and extend_to > ticks[-1]:
+        grid = [f * 2**k for k in range(1, 16) for f in (1.0, 1.5)]
+        ticks += sorted(t for t in grid if ticks[-1] < t <= extend_to * 1.01)
     ax.set_xscale("log", base=2)
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.minorticks_off()
@@ -403,12 +407,12 @@ def plot_budget_curves(
         x = d["_x"] * 2.0**offset if logx else d["_x"] + offset * span
         ax.plot(x, d[y], marker=markers[m], color=colors[m], lw=2, ms=6, label=method_label(m))
         if {"lo", "hi"} <= set(d.columns) and d[["lo", "hi"]].notna().all().all():
-            ax.fill_between(x, d["lo"], d["hi"], color=colors[m], alpha=0.15, lw=0)
+            ax.fill_between(x, d["lo"], d["hi"], color=colors[m], alpha=0.12, lw=0)
             banded = True
     if reference is not None:
         ax.axhline(reference, color="black", ls="--", lw=1.2, label=reference_label)
     if logx:
-        _log2_ticks(ax, pd.to_numeric(data["budget"], errors="coerce").dropna().unique())
+        _log2_ticks(ax, pd.to_numeric(data["budget"], errors="coerce").dropna().unique(), data["_x"].max())
     moved = (plotted_tokens(data) != pd.to_numeric(data["budget"], errors="coerce")).any()
     ax.set_xlabel(
         "Visual tokens per LLM layer (FastV, PDrop: layer average)"
@@ -572,7 +576,7 @@ def plot_latency(lat: pd.DataFrame, spread_label: str = "fastest–slowest of th
         b = base.iloc[0]
         ax.axhline(b["prefill_ms"], color="black", ls="--", lw=1.2, label=f"All tokens ({b['visual_avg']:g})")
         ax.axhspan(b["prefill_ms_lo"], b["prefill_ms_hi"], color="0.5", alpha=0.2, lw=0)
-    _log2_ticks(ax, pruned["budget"].unique())
+    _log2_ticks(ax, pruned["budget"].unique(), pruned["visual_avg"].max())
     ax.set_xlabel("Visual tokens per LLM layer (FastV, PDrop: layer average)")
     ax.set_ylabel("Prefill latency (ms, median)")
     ax.set_ylim(bottom=0)

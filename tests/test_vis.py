@@ -151,6 +151,8 @@ def test_budget_curves_jitter_equal_curves_label_the_band_and_keep_the_legend_of
     np.testing.assert_allclose(np.log2(div_x) - np.log2(scope_x), 0.04)  # ... by a fixed small step (octaves)
     np.testing.assert_allclose(curves["FastV"].get_xdata(), np.array([320, 384]) * 2**0.04)  # layer average
     assert ax.get_xlabel().startswith("Visual tokens per LLM layer")
+    # ticked at the budgets, and on to the in-LLM layer averages (2^k and 1.5 x 2^k beyond the last budget)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["64", "192", "256", "384"]
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "band: 95% bootstrap CI (questions)" in labels
     anchor = ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted())
