@@ -254,16 +254,21 @@ def _method_order(methods: Iterable[str]) -> list[str]:
     return known + [m for m in methods if m not in known]
 
 
-def plot_theta_coverage(data: pd.DataFrame, ax: plt.Axes | None = None, title: str | None = None) -> plt.Axes:
+def plot_theta_coverage(
+    data: pd.DataFrame, ax: plt.Axes | None = None, title: str | None = None, jitter: float = 0.003
+) -> plt.Axes:
     """theta-coverage vs theta, one curve per method (Fig. 2 of the paper).
 
     ``data`` has columns ``method``, ``theta`` and ``coverage`` (a fraction in [0, 1]); several rows per
-    (method, theta) -- one per image -- are averaged, with a 95% bootstrap band.
+    (method, theta) -- one per image -- are averaged, with a 95% bootstrap band. Curve i of n is shifted by
+    ``jitter`` x (i - (n-1)/2) in theta, so that curves that coincide (several methods at 100%) stay visible.
     """
     check_columns(data, ["method", "theta", "coverage"])
     ax = ax or plt.gca()
     df = data.assign(coverage_pct=100.0 * data["coverage"], label=data["method"].map(method_label))
     order = _method_order(df["method"])
+    shift = dict(zip(order, _offsets(len(order), jitter)))
+    df["theta"] = df["theta"] + df["method"].map(shift)
     colors = method_colors(order)
     markers = method_markers(order)
     sns.lineplot(

@@ -91,6 +91,9 @@ def test_theta_coverage_plot_has_one_curve_per_method_in_percent():
     ys = np.concatenate([line.get_ydata() for line in ax.lines])
     assert ys.max() == pytest.approx(100.0) and ys.min() >= 0.0
     assert "%" in ax.get_ylabel()
+    # the three curves are shifted apart in theta by 0.003 each (all start at coverage 100%)
+    firsts = sorted(line.get_xdata()[0] for line in ax.lines if len(line.get_xdata()) == len(thetas))
+    np.testing.assert_allclose(firsts, [-0.003, 0.0, 0.003], atol=1e-12)
     with pytest.raises(ValueError, match="coverage"):
         vis.plot_theta_coverage(pd.DataFrame({"method": ["scope"], "theta": [0.1]}))
 
