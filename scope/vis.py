@@ -251,6 +251,10 @@ def plot_kept_tokens(
 
 def method_order(methods: Iterable[str]) -> list[str]:
     """``methods`` without repeats, registered ones first in registry order (the order of every legend)."""
+    return _method_order(methods)
+
+
+def _method_order(methods: Iterable[str]) -> list[str]:
     methods = list(dict.fromkeys(methods))
     known = [m for m in METHODS if m in methods]
     return known + [m for m in methods if m not in known]
@@ -268,7 +272,7 @@ def plot_theta_coverage(
     check_columns(data, ["method", "theta", "coverage"])
     ax = ax or plt.gca()
     df = data.assign(coverage_pct=100.0 * data["coverage"], label=data["method"].map(method_label))
-    order = method_order(df["method"])
+    order = _method_order(df["method"])
     shift = dict(zip(order, curve_offsets(len(order), jitter)))
     df["theta"] = df["theta"] + df["method"].map(shift)
     colors = method_colors(order)
@@ -405,7 +409,7 @@ def plot_budget_curves(
         raise ValueError(f"legend={legend!r} must be 'right', 'below' or None")
     ax = ax or plt.gca()
     data = data.assign(_x=plotted_tokens(data).to_numpy())
-    order = method_order(data["method"])
+    order = _method_order(data["method"])
     colors, markers = method_colors(order), method_markers(order)
     span = float(data["_x"].max() - data["_x"].min()) or 1.0
     banded = False
