@@ -26,8 +26,12 @@ __all__ = [
     "latency_table",
     "default_model",
     "timed",
+    "timed_repeats",
+    "spread",
     "peak_memory",
 ]
+
+REPEATS = 5  # timed repeats per latency: a median and a spread, not one number
 
 
 def synthetic_inputs(n: int, batch: int, dim: int = 1024, kind: str = "clip-like", seed: int = 0):
@@ -89,6 +93,31 @@ def timed(fn: Callable, device: torch.device, min_run_time: float) -> float:
 
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return float(min(timer.blocked_autorange(min_run_time=min_run_time).times))
+
+
+def timed_repeats(
+    fn: Callable, device: torch.device, min_run_time: float, repeats: int = REPEATS
+) -> list[float]:
+    """Seconds per call of ``fn()`` in each of ``repeats`` separate measurements of about ``min_run_time``
+    seconds: the median of CUDA-event timings on a GPU, elsewhere the median block of
+    torch.utils.benchmark.Timer's ``blocked_autorange``. Summarise with :func:`spread`."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats={repeats!r} must be an int >= 1")
+    if device.type == "cuda":
+        return [timed(fn, device, min_run_time) for _ in range(repeats)]
+    from torch.utils.benchmark import Timer
+
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return [float(timer.blocked_autorange(min_run_time=min_run_time).median) for _ in range(repeats)]
+
+
+def spread(times: Sequence[float]) -> dict[str, float]:
+    """``median``, ``lo`` (fastest) and ``hi`` (slowest) of repeated timings, and ``n`` (how many)."""
+    if len(times) == 0:
+        raise ValueError("times is empty")
+    t = torch.tensor([float(x) for x in times], dtype=torch.float64)
+    # the mean of the two middle values for an even count (torch.median would take the lower one)
+    return {"median": float(t.quantile(0.5)), "lo": float(t.min()), "hi": float(t.max()), "n": len(times)}
 
 
 def peak_memory(fn: Callable, device: torch.device) -> float:
@@ -193,6 +222,7 @@ def measure(
     min_run_time: float = 0.2,
     decode_tokens: int = 16,
     memory: bool = True,
+    repeats: int = REPEATS,
     **options,
 ) -> dict:
     """Measure one prefill of ``model`` on ``inputs`` pruned by ``method`` at ``budget`` (None: unpruned).
@@ -201,8 +231,10 @@ def measure(
     (from forward hooks), prefill latency (``model(**inputs)``, logits of the last position) and
     time-to-first-token (``generate(max_new_tokens=1)``) in ms, decode tokens/s (``decode_tokens`` more
     tokens), the selection's own time in ms on this image's real features (pre-LLM methods; it is part
-    of the pruned prefill) and the prefill's peak memory (MiB; NaN with ``memory=False``). ``options``
-    go to ``scope.patch``.
+    of the pruned prefill) and the prefill's peak memory (MiB; NaN with ``memory=False``, which also keeps
+    the CPU profiler, and what it prints, out of the run). Prefill, time to first token and selection are
+    each timed ``repeats`` times (:func:`timed_repeats`, ``min_run_time`` seconds each): the median, and
+    the fastest and slowest repeat as ``<name>_lo`` / ``<name>_hi``. ``options`` go to ``scope.patch``.
     """
     import scope
 
@@ -233,23 +265,34 @@ def measure(
                 )
 
             per_layer = _tokens_per_layer(model, prefill)
-            prefill_s = timed(prefill, device, min_run_time)
-            ttft_s = timed(first_token, device, min_run_time)
+            prefill_s = spread(timed_repeats(prefill, device, min_run_time, repeats))
+            ttft_s = spread(timed_repeats(first_token, device, min_run_time, repeats))
             decode_s = timed(decode, device, min_run_time)
             peak = peak_memory(prefill, device) if memory else float("nan")
     finally:
         if pruned:
             scope.unpatch(model)
-    select_s = float("nan")
+    nan = float("nan")
+    select_s = {"median": nan, "lo": nan, "hi": nan}
     if pruned and get_method(method).stage == PRE_LLM:
         feats, sal = _vision_inputs(model, inputs)
         crops = feats.shape[0]
         per_crop = max(1, budget // crops)
         own = method_options(options)  # without the patch's own keep_newlines
-        select_s = timed(
-            lambda: scope.prune(feats, sal, budget=per_crop, method=method, **own), device, min_run_time / 2
+        select_s = spread(
+            timed_repeats(
+                lambda: scope.prune(feats, sal, budget=per_crop, method=method, **own),
+                device,
+                min_run_time / 2,
+                repeats,
+            )
         )
     visual = [n - n_text for n in per_layer]
+    timings = {
+        f"{name}{end}": 1e3 * value[key]
+        for name, value in (("prefill_ms", prefill_s), ("ttft_ms", ttft_s), ("select_ms", select_s))
+        for end, key in (("", "median"), ("_lo", "lo"), ("_hi", "hi"))
+    }
     return {
         "method": method if pruned else UNPRUNED,
         "budget": budget if pruned else n_placeholders,
@@ -257,10 +300,9 @@ def measure(
         "visual_in": visual[0],
         "visual_avg": sum(visual) / len(visual),
         "per_layer": visual,
-        "prefill_ms": prefill_s * 1e3,
-        "ttft_ms": ttft_s * 1e3,
-        "decode_tok_s": decode_tokens / max(decode_s - ttft_s, 1e-9),
-        "select_ms": select_s * 1e3,
+        **timings,
+        "repeats": repeats,
+        "decode_tok_s": decode_tokens / max(decode_s - ttft_s["median"], 1e-9),
         "peak_mem_mb": peak / 2**20,
     }
 
@@ -291,12 +333,15 @@ def latency_table(
     memory: bool = True,
     label: str | None = None,
     progress: bool = False,
+    repeats: int = REPEATS,
 ) -> pd.DataFrame:
     """Measured prefill / TTFT / decode / memory / selection time per method x budget, plus unpruned.
 
     ``model=None`` takes :func:`default_model`. ``budgets=None`` scales the paper's 192/128/64 of 576 to
-    the model's N. Columns: those of :func:`measure` plus ``speedup`` (unpruned prefill / pruned prefill),
-    ``token_ratio`` (N / layer-averaged visual tokens), ``select_share`` (selection / pruned prefill) and,
+    the model's N. Columns: those of :func:`measure` (medians of ``repeats`` timings, with ``_lo`` / ``_hi``
+    the fastest and slowest) plus ``speedup`` (unpruned median prefill / pruned median prefill; ``speedup_lo``
+    / ``speedup_hi`` from the slowest / fastest pruned repeat), ``token_ratio`` (N / layer-averaged visual
+    tokens), ``select_share`` (median selection / median pruned prefill) and,
     counted for this model's own config as in :func:`prefill_flops`, ``total_gflops`` and ``flops_ratio``
     (what the speed-up would be if time followed FLOPs).
     """
@@ -306,16 +351,18 @@ def latency_table(
         model, processor, label = default_model()
     label = label or type(model).__name__
     inputs = _make_inputs(model, processor, question)
-    base = measure(model, inputs, UNPRUNED, None, min_run_time, decode_tokens, memory)
+    base = measure(model, inputs, UNPRUNED, None, min_run_time, decode_tokens, memory, repeats)
     n_visual = base["visual_in"]
     budgets = tuple(budgets) if budgets is not None else _scaled_budgets(n_visual)
     rows = [base]
     jobs = [(m, b) for b in budgets for m in methods]
     for method, budget in tqdm(jobs, desc="latency", disable=not progress):
-        rows.append(measure(model, inputs, method, budget, min_run_time, decode_tokens, memory))
+        rows.append(measure(model, inputs, method, budget, min_run_time, decode_tokens, memory, repeats))
     df = pd.DataFrame(rows)
     df.insert(0, "model", label)
     df["speedup"] = base["prefill_ms"] / df.prefill_ms
+    df["speedup_lo"] = base["prefill_ms"] / df.prefill_ms_hi
+    df["speedup_hi"] = base["prefill_ms"] / df.prefill_ms_lo
     df["token_ratio"] = base["visual_avg"] / df.visual_avg
     df["select_share"] = df.select_ms / df.prefill_ms
     df["total_gflops"] = [_counted_gflops(model.config, r) for r in df.itertuples()]

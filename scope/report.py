@@ -130,7 +130,7 @@ def paper_shares(name: str = "table8") -> pd.DataFrame:
 # Reading runs
 
 
-def _run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+def run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     """Run directories among ``paths``: each path itself if it holds results.json, else its children that do."""
     out = []
     for p in map(Path, paths):
@@ -216,7 +216,7 @@ def bootstrap_cis(
     return {m: (sorted(v)[lo], sorted(v)[hi]) for m, v in stats.items()}
 
 
-def _metric_names(task: str, result: dict, metrics: str | Sequence[str]) -> list[str]:
+def metric_names(task: str, result: dict, metrics: str | Sequence[str]) -> list[str]:
     """The metrics of one task's results that become rows (see :func:`results_long`)."""
     reported = result.get("metrics", {})
     if metrics == "columns":
@@ -260,7 +260,7 @@ def results_long(
     """
     paths = list(paths)
     rows = []
-    for d in _run_dirs(paths):
+    for d in run_dirs(paths):
         try:
             run = load_run(d)
         except ValueError as err:  # one broken run must not hide the others
@@ -287,7 +287,7 @@ def results_long(
                         if records
                         else dict.fromkeys([*res.get("metrics", {}), res["main"]], math.nan)
                     )
-            names = _metric_names(task, res, metrics)
+            names = metric_names(task, res, metrics)
             intervals = bootstrap_cis(records, task, names, n_boot=n_boot, seed=seed) if ci else {}
             for metric in names:
                 row = {

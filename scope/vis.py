@@ -1,5 +1,6 @@
 """Pictures for the notebooks: kept tokens over an image, coverage and attention-skew curves, accuracy vs
-budget, the alpha ablation.
+budget (figures only the results notebooks draw, bars per column, the alpha ablation and latency, are in
+:mod:`scope.vis_results`, built from the helpers here).
 
 This module only draws; tables (reading runs, the paper's layout, Markdown, saving) are :mod:`scope.report`'s.
 Every figure goes through :func:`save_figure` (PNG for the README, PDF for print), which stamps it with a
@@ -7,6 +8,12 @@ Every figure goes through :func:`save_figure` (PNG for the README, PDF for print
 what made it, and writes it where :func:`scope.report.save_table` writes tables. Colours and markers come
 from the method registry (:mod:`scope.methods`, seaborn's colour-blind-safe palette), so a method is the
 same colour in every figure; labels are :func:`scope.report.method_label`.
+
+Figures a reader can trust: every shaded band and error bar says in the legend what it is (e.g. "95%
+bootstrap CI"); legends sit beside or below the axes, not on the data; curves that would hide each other
+are shifted apart by a small x offset; and in-LLM methods (FastV, PDrop), which keep every visual token for
+their first layers, are drawn at the visual tokens an LLM layer sees on average (``equivalent_tokens``),
+not at their nominal budget (:func:`plotted_tokens`).
 """
 
 from __future__ import annotations
@@ -20,10 +27,10 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.colors import to_rgb
-from matplotlib.patches import Rectangle
+from matplotlib.patches import Patch, Rectangle
 
 from scope import lock
-from scope.methods import METHODS, PALETTE, find_method
+from scope.methods import IN_LLM, METHODS, PALETTE, find_method
 from scope.report import check_columns, check_name, method_label, output_dir
 
 
@@ -242,22 +249,32 @@ def plot_kept_tokens(
     return fig
 
 
+def method_order(methods: Iterable[str]) -> list[str]:
+    """``methods`` without repeats, registered ones first in registry order (the order of every legend)."""
+    return _method_order(methods)
+
+
 def _method_order(methods: Iterable[str]) -> list[str]:
     methods = list(dict.fromkeys(methods))
     known = [m for m in METHODS if m in methods]
     return known + [m for m in methods if m not in known]
 
 
-def plot_theta_coverage(data: pd.DataFrame, ax: plt.Axes | None = None, title: str | None = None) -> plt.Axes:
+def plot_theta_coverage(
+    data: pd.DataFrame, ax: plt.Axes | None = None, title: str | None = None, jitter: float = 0.003
+) -> plt.Axes:
     """theta-coverage vs theta, one curve per method (Fig. 2 of the paper).
 
     ``data`` has columns ``method``, ``theta`` and ``coverage`` (a fraction in [0, 1]); several rows per
-    (method, theta) -- one per image -- are averaged, with a 95% bootstrap band.
+    (method, theta) -- one per image -- are averaged, with a 95% bootstrap band. Curve i of n is shifted by
+    ``jitter`` x (i - (n-1)/2) in theta, so that curves that coincide (several methods at 100%) stay visible.
     """
     check_columns(data, ["method", "theta", "coverage"])
     ax = ax or plt.gca()
     df = data.assign(coverage_pct=100.0 * data["coverage"], label=data["method"].map(method_label))
     order = _method_order(df["method"])
+    shift = dict(zip(order, curve_offsets(len(order), jitter)))
+    df["theta"] = df["theta"] + df["method"].map(shift)
     colors = method_colors(order)
     markers = method_markers(order)
     sns.lineplot(
@@ -278,7 +295,10 @@ def plot_theta_coverage(data: pd.DataFrame, ax: plt.Axes | None = None, title: s
     ax.set_xlabel(r"$\theta$ (cosine-similarity threshold)")
     ax.set_ylabel(r"$\theta$-coverage (% of all tokens)")
     ax.set_ylim(-2, 102)
-    ax.legend(title="Method")
+    handles, labels = ax.get_legend_handles_labels()
+    handles.append(Patch(color="0.5", alpha=0.25, lw=0))
+    labels.append("band: 95% bootstrap CI over images")
+    ax.legend(handles, labels, title="Method", **LEGEND_RIGHT)
     if title:
         ax.set_title(title)
     return ax
@@ -317,10 +337,49 @@ def plot_attention_skew(
     ax.set_xlabel("Token rank by CLS attention")
     ax.set_ylabel("CLS attention (% of image total)")
     ax.set_xlim(1, share.shape[1])
-    ax.legend()
+    ax.legend(loc="upper right")  # the curve falls from the top left: the upper right is empty
     if title:
         ax.set_title(title)
     return ax
+
+
+LEGEND_RIGHT = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": 8, "borderaxespad": 0.0}
+CI_LABEL = "95% bootstrap CI"
+
+
+def plotted_tokens(data: pd.DataFrame) -> pd.Series:
+    """Where each row of ``data`` goes on a tokens axis: ``equivalent_tokens`` (visual tokens per LLM layer,
+    averaged over the layers) for in-LLM methods, which keep every token for their first layers and so
+    cost far more than their nominal budget; the ``budget`` (tokens entering the LLM) otherwise, and
+    wherever ``equivalent_tokens`` is missing."""
+    check_columns(data, ["method", "budget"])
+    x = pd.to_numeric(data["budget"], errors="coerce").astype(float)
+    if "equivalent_tokens" not in data.columns:
+        return x
+    records = [find_method(m) for m in data["method"]]
+    in_llm = np.array([r is not None and r.stage == IN_LLM for r in records])
+    eq = pd.to_numeric(data["equivalent_tokens"], errors="coerce").astype(float)
+    return x.where(~(in_llm & eq.notna().to_numpy()), eq)
+
+
+def log2_ticks(ax: plt.Axes, ticks, extend_to: float | None = None) -> None:
+    """A log2 x axis ticked at ``ticks``, plus 2^k and 1.5 x 2^k between the largest tick and ``extend_to``
+    (where in-LLM methods' layer averages lie); a single tick gets half an octave on each side (else the
+    axis would shrink to the tiny offsets between curves)."""
+    ticks = sorted(float(t) for t in ticks)
+    if extend_to is not None and ticks and extend_to > ticks[-1]:
+        grid = [f * 2**k for k in range(1, 16) for f in (1.0, 1.5)]
+        ticks += sorted(t for t in grid if ticks[-1] < t <= extend_to * 1.01)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    if len(ticks) == 1:
+        ax.set_xlim(ticks[0] / 2**0.5, ticks[0] * 2**0.5)
+
+
+def curve_offsets(n: int, step: float) -> np.ndarray:
+    """``n`` offsets ``step`` apart, centred on 0 (curve i of n is shifted by offsets[i])."""
+    return step * (np.arange(n) - (n - 1) / 2)
 
 
 def plot_budget_curves(
@@ -332,109 +391,66 @@ def plot_budget_curves(
     ylabel: str = "Accuracy (%)",
     title: str | None = None,
     logx: bool = True,
+    band_label: str = CI_LABEL,
+    jitter: float = 0.04,
+    legend: str | None = "right",
 ) -> plt.Axes:
-    """Score vs number of kept visual tokens, one curve per method (Fig. 4 / Fig. 6 style).
+    """Score vs visual tokens, one curve per method (Fig. 4 / Fig. 6 style).
 
-    ``data`` has columns ``method``, ``budget`` and ``y``; optional ``lo``/``hi`` columns draw an error
-    band (e.g. a bootstrap CI). ``reference`` draws the unpruned model as a dashed line.
+    ``data`` has columns ``method``, ``budget`` and ``y``; ``equivalent_tokens`` places in-LLM methods at
+    their layer-averaged tokens (:func:`plotted_tokens`; the x label then says so). Optional ``lo``/``hi``
+    columns draw a band, named ``band_label`` in the legend (say what it is). ``reference`` draws the
+    unpruned model as a dashed line. Curve i of n is shifted by ``jitter`` x (i - (n-1)/2) octaves (log x)
+    or that fraction of the x range (linear), so that equal curves stay visible side by side. ``legend``:
+    "right" (beside the axes), "below", or None (e.g. one :func:`figure_legend` for several panels).
     """
     check_columns(data, ["method", "budget", y])
+    if legend not in ("right", "below", None):
+        raise ValueError(f"legend={legend!r} must be 'right', 'below' or None")
     ax = ax or plt.gca()
+    data = data.assign(_x=plotted_tokens(data).to_numpy())
     order = _method_order(data["method"])
     colors, markers = method_colors(order), method_markers(order)
-    for m in order:
-        d = data[data["method"] == m].sort_values("budget")
-        ax.plot(d["budget"], d[y], marker=markers[m], color=colors[m], lw=2, ms=6, label=method_label(m))
+    span = float(data["_x"].max() - data["_x"].min()) or 1.0
+    banded = False
+    for m, offset in zip(order, curve_offsets(len(order), jitter)):
+        d = data[data["method"] == m].sort_values("_x")
+        x = d["_x"] * 2.0**offset if logx else d["_x"] + offset * span
+        ax.plot(x, d[y], marker=markers[m], color=colors[m], lw=2, ms=6, label=method_label(m))
         if {"lo", "hi"} <= set(d.columns) and d[["lo", "hi"]].notna().all().all():
-            ax.fill_between(d["budget"], d["lo"], d["hi"], color=colors[m], alpha=0.15, lw=0)
+            ax.fill_between(x, d["lo"], d["hi"], color=colors[m], alpha=0.12, lw=0)
+            banded = True
     if reference is not None:
         ax.axhline(reference, color="black", ls="--", lw=1.2, label=reference_label)
     if logx:
-        ax.set_xscale("log", base=2)
-        budgets = sorted(data["budget"].unique())
-        ax.set_xticks(budgets)
-        ax.set_xticklabels([str(int(b)) for b in budgets])
-        ax.minorticks_off()
-    ax.set_xlabel("Visual tokens kept (entering the LLM)")
+        log2_ticks(ax, pd.to_numeric(data["budget"], errors="coerce").dropna().unique(), data["_x"].max())
+    moved = (plotted_tokens(data) != pd.to_numeric(data["budget"], errors="coerce")).any()
+    ax.set_xlabel(
+        "Visual tokens per LLM layer (FastV, PDrop: layer average)"
+        if moved
+        else "Visual tokens kept (entering the LLM)"
+    )
     ax.set_ylabel(ylabel)
-    ax.legend()
+    if banded:
+        ax.fill_between([], [], [], color="0.5", alpha=0.25, lw=0, label=f"band: {band_label}")
+    if legend == "right":
+        ax.legend(**LEGEND_RIGHT)
+    elif legend == "below":
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=4, fontsize=8)
     if title:
         ax.set_title(title)
     return ax
 
 
-def plot_family_bars(
-    data: pd.DataFrame, hue: str = "label", ax: plt.Axes | None = None, title: str | None = None
-) -> plt.Axes:
-    """Accuracy per benchmark column as grouped bars, one bar per ``hue`` value (e.g. model or method).
-
-    ``data`` has columns ``column``, ``value`` and ``hue`` (``results_long`` rows plus a label); optional
-    ``lo``/``hi`` columns draw error bars (e.g. a bootstrap CI). Bars are in the row order of ``data``.
-    """
-    check_columns(data, ["column", "value", hue])
-    ax = ax or plt.gca()
-    columns, groups = list(dict.fromkeys(data["column"])), list(dict.fromkeys(data[hue]))
-    width = 0.8 / len(groups)
-    palette = sns.color_palette("colorblind", len(groups))
-    for g, (name, color) in enumerate(zip(groups, palette)):
-        d = data[data[hue] == name].set_index("column").reindex(columns)
-        x = np.arange(len(columns)) - 0.4 + width * (g + 0.5)
-        err = None
-        if {"lo", "hi"} <= set(d.columns) and d[["lo", "hi"]].notna().all().all():
-            err = np.stack([d["value"] - d["lo"], d["hi"] - d["value"]])
-        ax.bar(x, d["value"], width, yerr=err, color=color, label=str(name), capsize=2, error_kw={"lw": 1})
-    ax.set_xticks(np.arange(len(columns)))
-    ax.set_xticklabels(columns)
-    ax.set_ylabel("Accuracy (%)")
-    ax.set_ylim(0, 105)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    return ax
-
-
-def plot_alpha_and_combine(
-    alpha: pd.DataFrame,
-    combine: pd.DataFrame,
-    full: float,
-    method: str,
-    reference: tuple[str, float] | None = None,
-    budget: int | None = None,
-) -> plt.Figure:
-    """The alpha ablation (Fig. 6): accuracy vs alpha with its interval band (left), and the two ways of
-    combining coverage gain and saliency as bars with error bars (right), the unpruned model dashed on both.
-
-    ``alpha``: columns ``alpha``, ``value``, ``lo``, ``hi`` (one row per alpha, in plotting order);
-    ``combine``: ``label``, ``value``, ``lo``, ``hi``; ``full``: the unpruned accuracy; ``method``: the method
-    swept (its colour and label); ``reference``: (method, accuracy) drawn dotted as the alpha -> infinity limit
-    (saliency-only at the same budget); ``budget``: the tokens kept, for the titles.
-    """
-    check_columns(alpha, ["alpha", "value", "lo", "hi"], "alpha")
-    check_columns(combine, ["label", "value", "lo", "hi"], "combine")
-    tokens = f"{budget} tokens" if budget is not None else ""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
-    color = method_colors([method])[method]
-    x = range(len(alpha))
-    label = f"{method_label(method)} (gain × saliency^α)"
-    axes[0].plot(x, alpha["value"], marker="o", color=color, lw=2, label=label)
-    axes[0].fill_between(x, alpha["lo"], alpha["hi"], color=color, alpha=0.15, lw=0)
-    axes[0].set_xticks(list(x), [f"{a:g}" for a in alpha["alpha"]])
-    axes[0].axhline(full, color="black", ls="--", lw=1.2, label="All tokens")
-    if reference is not None:
-        ref, value = reference
-        ref_color = method_colors([ref])[ref]
-        axes[0].axhline(value, color=ref_color, ls=":", lw=1.5, label=f"{method_label(ref)} (α → ∞)")
-    axes[0].set_xlabel("α (exponent on saliency; 0 = coverage-only)")
-    axes[0].set_ylabel("Accuracy (%)")
-    axes[0].set_title("Sensitivity to α" + (f" at {tokens}" if tokens else ""))
-    axes[0].legend(fontsize=8)
-    err = [combine["value"] - combine["lo"], combine["hi"] - combine["value"]]
-    axes[1].bar(combine["label"], combine["value"], yerr=err, color=color, alpha=0.8, capsize=4)
-    axes[1].axhline(full, color="black", ls="--", lw=1.2)
-    axes[1].set_ylabel("Accuracy (%)")
-    axes[1].set_title(f"Combining the two scores (α = 1{', ' + tokens if tokens else ''})")
-    fig.tight_layout()
-    return fig
+def figure_legend(fig: plt.Figure, axes: Iterable[plt.Axes], ncol: int = 5) -> None:
+    """One legend below all ``axes`` of ``fig`` with every distinct label of their artists (first one wins),
+    for panels that share methods; call before :func:`save_figure`."""
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    fig.legend(list(seen.values()), list(seen), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=ncol,
+               fontsize=8, frameon=False)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- saving

@@ -197,6 +197,11 @@ def test_measured_table_on_a_tiny_model():
         assert row.visual_in == 16 and row.select_ms != row.select_ms  # NaN: no separate selection
     assert (df.prefill_ms > 0).all() and (df.ttft_ms > 0).all()
     assert (df.token_ratio >= 1).all()
+    # every latency is a median of REPEATS timings, inside the fastest and slowest of them
+    assert (df.repeats == L.REPEATS).all() and L.REPEATS >= 5
+    for name in ("prefill_ms", "ttft_ms"):
+        assert (df[f"{name}_lo"] <= df[name]).all() and (df[name] <= df[f"{name}_hi"]).all()
+    assert (df.speedup_lo <= df.speedup).all() and (df.speedup <= df.speedup_hi).all()
 
 
 def test_cli_prints_and_writes_csv(small_config, tmp_path, capsys):

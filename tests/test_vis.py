@@ -10,7 +10,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.colors import to_hex
 from PIL import Image
 
 from scope import vis
@@ -85,10 +84,15 @@ def test_theta_coverage_plot_has_one_curve_per_method_in_percent():
     ]
     ax = vis.plot_theta_coverage(pd.DataFrame(rows))
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels == ["SCOPE", "Saliency-only", "Random"]
+    assert labels == ["SCOPE", "Saliency-only", "Random", "band: 95% bootstrap CI over images"]
+    anchor = ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted())
+    assert anchor.x0 > 1.0  # beside the axes, not on the curves
     ys = np.concatenate([line.get_ydata() for line in ax.lines])
     assert ys.max() == pytest.approx(100.0) and ys.min() >= 0.0
     assert "%" in ax.get_ylabel()
+    # the three curves are shifted apart in theta by 0.003 each (all start at coverage 100%)
+    firsts = sorted(line.get_xdata()[0] for line in ax.lines if len(line.get_xdata()) == len(thetas))
+    np.testing.assert_allclose(firsts, [-0.003, 0.0, 0.003], atol=1e-12)
     with pytest.raises(ValueError, match="coverage"):
         vis.plot_theta_coverage(pd.DataFrame({"method": ["scope"], "theta": [0.1]}))
 
@@ -118,25 +122,56 @@ def test_budget_curves_draw_reference_and_log_ticks():
     assert any(np.allclose(line.get_ydata(), 92.0) for line in ax.lines)
 
 
-def test_family_bars_group_by_hue_in_row_order():
+def test_in_llm_methods_are_placed_at_their_layer_average():
     df = pd.DataFrame(
         {
-            "label": ["A"] * 2 + ["B"] * 2,
-            "column": ["Read", "Count"] * 2,
-            "value": [30.0, 40.0, 80.0, 60.0],
-            "lo": [20.0, 30.0, 70.0, 50.0],
-            "hi": [40.0, 50.0, 90.0, 70.0],
+            "method": ["scope", "fastv", "pdrop", "pdrop"],
+            "budget": [64, 64, 64, 128],
+            "equivalent_tokens": [64.0, 320.0, None, 200.0],  # PDrop at 64: not recorded -> its budget
+        }
+    )
+    assert vis.plotted_tokens(df).tolist() == [64.0, 320.0, 64.0, 200.0]
+    assert vis.plotted_tokens(df.drop(columns="equivalent_tokens")).tolist() == [64.0, 64.0, 64.0, 128.0]
+
+
+def test_budget_curves_jitter_equal_curves_label_the_band_and_keep_the_legend_off_the_data():
+    df = pd.DataFrame(
+        {
+            "method": ["scope"] * 2 + ["divprune"] * 2 + ["fastv"] * 2,
+            "budget": [64, 192] * 3,
+            "equivalent_tokens": [64, 192, 64, 192, 320, 384],
+            "score": [80.0, 90.0] * 3,  # three identical curves
+            "lo": [75.0, 85.0] * 3,
+            "hi": [85.0, 95.0] * 3,
         }
     )
     fig, ax = plt.subplots()
-    vis.plot_family_bars(df, ax=ax)
-    bars = ax.patches
-    assert [round(b.get_height()) for b in bars] == [30, 40, 80, 60]
-    assert bars[0].get_x() < bars[2].get_x() < bars[1].get_x()  # A then B within each column
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["Read", "Count"]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["A", "B"]
-    with pytest.raises(ValueError, match="label"):
-        vis.plot_family_bars(df.drop(columns="label"))
+    vis.plot_budget_curves(df, ax=ax, band_label="95% bootstrap CI (questions)")
+    curves = {line.get_label(): line for line in ax.lines}
+    scope_x, div_x = curves["SCOPE"].get_xdata(), curves["DivPrune"].get_xdata()
+    assert not np.allclose(scope_x, div_x)  # shifted apart ...
+    np.testing.assert_allclose(np.log2(div_x) - np.log2(scope_x), 0.04)  # ... by a fixed small step (octaves)
+    np.testing.assert_allclose(curves["FastV"].get_xdata(), np.array([320, 384]) * 2**0.04)  # layer average
+    assert ax.get_xlabel().startswith("Visual tokens per LLM layer")
+    # ticked at the budgets, and on to the in-LLM layer averages (2^k and 1.5 x 2^k beyond the last budget)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["64", "192", "256", "384"]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "band: 95% bootstrap CI (questions)" in labels
+    anchor = ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted())
+    assert anchor.x0 > 1.0
+    with pytest.raises(ValueError, match="legend"):
+        vis.plot_budget_curves(df, legend="inside")
+    plt.close(fig)
+
+
+def test_figure_legend_collects_each_label_once():
+    fig, axes = plt.subplots(1, 2)
+    for ax in axes:
+        ax.plot([0, 1], [0, 1], label="SCOPE")
+        ax.plot([0, 1], [1, 0], label="Random")
+    axes[1].plot([0, 1], [0.5, 0.5], label="All tokens")
+    vis.figure_legend(fig, axes)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["SCOPE", "Random", "All tokens"]
     plt.close(fig)
 
 
@@ -151,35 +186,6 @@ def test_save_figure_writes_png_and_pdf_with_source(tmp_path):
         vis.save_figure(fig, "bad/name", source="x", figures_dir=tmp_path)
     with pytest.raises(ValueError, match="source"):
         vis.save_figure(fig, "demo", source="", figures_dir=tmp_path)
-
-
-def test_alpha_figure_draws_the_sweep_the_reference_and_the_combinations():
-    alpha = pd.DataFrame(
-        {"alpha": [0.0, 0.5, 1.0, 4.0], "value": [60.0, 70.0, 75.0, 65.0], "lo": [55.0, 65, 70, 60],
-         "hi": [65.0, 75, 80, 70]}
-    )  # fmt: skip
-    combine = pd.DataFrame(
-        {"label": ["gain × saliency", "gain + saliency"], "value": [75.0, 72.0], "lo": [70.0, 66.0],
-         "hi": [80.0, 77.0]}
-    )  # fmt: skip
-    fig = vis.plot_alpha_and_combine(alpha, combine, 80.0, "scope", reference=("saliency", 58.0), budget=64)
-    left, right = fig.axes
-    sweep = left.lines[0]
-    assert list(sweep.get_ydata()) == [60.0, 70.0, 75.0, 65.0]
-    assert to_hex(sweep.get_color()) == to_hex(vis.method_colors(["scope"])["scope"])
-    assert [t.get_text() for t in left.get_xticklabels()] == ["0", "0.5", "1", "4"]
-    flat = {round(line.get_ydata()[0], 6): line for line in left.lines[1:]}
-    assert set(flat) == {80.0, 58.0} and flat[58.0].get_linestyle() == ":"
-    labels = [t.get_text() for t in left.get_legend().get_texts()]
-    assert labels == ["SCOPE (gain × saliency^α)", "All tokens", "Saliency-only (α → ∞)"]
-    assert left.get_title() == "Sensitivity to α at 64 tokens"
-    assert [round(b.get_height(), 6) for b in right.patches] == [75.0, 72.0]
-    assert [t.get_text() for t in right.get_xticklabels()] == ["gain × saliency", "gain + saliency"]
-    assert right.get_title() == "Combining the two scores (α = 1, 64 tokens)"
-    without = vis.plot_alpha_and_combine(alpha, combine, 80.0, "scope")  # no reference line, no budget
-    assert len(without.axes[0].lines) == 2 and without.axes[0].get_title() == "Sensitivity to α"
-    with pytest.raises(ValueError, match="label"):
-        vis.plot_alpha_and_combine(alpha, combine.drop(columns="label"), 80.0, "scope")
 
 
 def test_token_map_checks_size_and_can_stretch_small_values():
