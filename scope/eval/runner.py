@@ -432,9 +432,14 @@ def _run_task(
             idxs = todo[start : start + batch_size]
             batch = [docs[i] for i in idxs]
             # a video task's "images" are its video's frames, which the protocol leaves as they are
-            imgs = [task.images(d) if task.video else prepare_images(processor, task.images(d), protocol) for d in batch]
+            imgs = [
+                task.images(d) if task.video else prepare_images(processor, task.images(d), protocol)
+                for d in batch
+            ]
             questions = [task.prompt(d) for d in batch]
-            prompts = [build_prompt(processor, q, len(im), protocol, task.video) for q, im in zip(questions, imgs)]
+            prompts = [
+                build_prompt(processor, q, len(im), protocol, task.video) for q, im in zip(questions, imgs)
+            ]
             preds, kept = generate_answers(model, processor, prompts, imgs, mnt, videos=task.video)
             for i, d, q, p, k in zip(idxs, batch, prompts, preds, kept):
                 rec = {

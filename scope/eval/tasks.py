@@ -78,7 +78,9 @@ class Task:
     metric_columns: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
     video: bool = False  # images(doc) are one video's frames, given to the processor as videos=
     # the fields a judge sets (video QA: scorer and main metric; scope.eval.video_tasks), applied by `judged`
-    judges: Callable[[str], dict[str, Any]] | None = field(default=None, repr=False, compare=False, hash=False)
+    judges: Callable[[str], dict[str, Any]] | None = field(
+        default=None, repr=False, compare=False, hash=False
+    )
 
     def load(
         self, limit: int | None = None, seed: int = 0, data_dir: str | None = None, **kwargs: Any

@@ -47,7 +47,6 @@ import ast
 import functools
 import json
 import os
-import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -221,7 +220,9 @@ def video_prompt(processor: Any, question: str, protocol: Any) -> str:
         return f"{LLAVA_V1_SYSTEM} USER: {token}\n{question} ASSISTANT:"
     if getattr(processor, "chat_template", None):
         content = [{"type": "video"}, {"type": "text", "text": question}]
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        return processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True
+        )
     return f"USER: {token}\n{question} ASSISTANT:"
 
 
@@ -370,7 +371,9 @@ def _from_video_llava(folder: Path, spec: VideoQA) -> list[dict]:
     questions = json.loads((folder / "test_q.json").read_text())
     answers = json.loads((folder / "test_a.json").read_text())
     if len(questions) != len(answers):
-        raise ValueError(f"{folder}: {len(questions)} questions in test_q.json, {len(answers)} answers in test_a.json")
+        raise ValueError(
+            f"{folder}: {len(questions)} questions in test_q.json, {len(answers)} answers in test_a.json"
+        )
     dirs = [folder / d for d in spec.video_dirs]
     return [_row(q, a["answer"], dirs, spec.prefix) for q, a in zip(questions, answers)]
 
@@ -437,7 +440,9 @@ def _with_videos(name: str, rows: list[dict], missing: str) -> list[dict]:
             f"task_kwargs={{{name!r}: {{'missing': 'skip'}}}} to leave those rows out"
         )
     if absent:
-        warnings.warn(f"{name}: left out {len(absent)} of {len(rows)} rows without a video file", stacklevel=3)
+        warnings.warn(
+            f"{name}: left out {len(absent)} of {len(rows)} rows without a video file", stacklevel=3
+        )
     gone = {id(r) for r in absent}
     return [r for r in rows if id(r) not in gone]
 
