@@ -190,6 +190,11 @@ def video_frames(doc: dict) -> list:
     return decode_frames(doc["video"])
 
 
+def is_video_path(visual: Any) -> bool:
+    """Whether ``visual`` names a video file (a path ending in one of :data:`VIDEO_EXTENSIONS`)."""
+    return isinstance(visual, (str, Path)) and str(visual).lower().endswith(VIDEO_EXTENSIONS)
+
+
 def supports_video(model: Any) -> bool:
     """Whether ``model`` takes videos the way these tasks give them (Video-LLaVA: :data:`VIDEO_MODEL_TYPES`)."""
     return getattr(getattr(model, "config", None), "model_type", None) in VIDEO_MODEL_TYPES
