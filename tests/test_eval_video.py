@@ -50,7 +50,7 @@ def test_fixture_frames_are_sampled_like_a_video():
         V.video_frames({"question_id": "q1"})
 
 
-def _write_video(path, n: int, size: int = 32) -> None:
+def write_grey_video(path, n: int, size: int = 32) -> None:
     """An mp4 of ``n`` flat grey frames, frame i at grey level 10 i."""
     import av
 
@@ -69,7 +69,7 @@ def _write_video(path, n: int, size: int = 32) -> None:
 def test_decode_a_video_file_with_pyav(tmp_path):
     pytest.importorskip("av")
     path = tmp_path / "clip.mp4"
-    _write_video(path, 20)
+    write_grey_video(path, 20)
     frames = V.decode_frames(path)
     assert len(frames) == 8 and frames[0].size == (32, 32) and frames[0].mode == "RGB"
     # 20 frames -> indices 0, 2, 5, 8, 10, 13, 16, 19 -> grey levels 10 x those (lossy codec: +-4)
@@ -202,7 +202,7 @@ def test_load_local_layouts(tmp_path):
     pytest.importorskip("av")
     jsonl = tmp_path / "msvd_qa"
     jsonl.mkdir()
-    _write_video(jsonl / "a.mp4", 3)
+    write_grey_video(jsonl / "a.mp4", 3)
     rows = [{"question_id": "q1", "question": "who?", "answer": "man", "video": "a.mp4"}]
     (jsonl / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (got,) = V.load_video_qa("msvd_qa", data_dir=str(tmp_path))
@@ -210,7 +210,7 @@ def test_load_local_layouts(tmp_path):
 
     folder = tmp_path / "Activitynet_Zero_Shot_QA"
     (folder / "videos").mkdir(parents=True)
-    _write_video(folder / "videos" / "v_abc.mp4", 3)
+    write_grey_video(folder / "videos" / "v_abc.mp4", 3)
     qs = [{"video_name": "abc", "question": "what", "question_id": "v_abc_0"}]
     qs.append({"video_name": "gone", "question": "who", "question_id": "v_gone_0"})
     (folder / "test_q.json").write_text(json.dumps(qs))
