@@ -231,7 +231,10 @@ FIXTURES = {
 
 
 def fixture(name: str) -> Any:
-    """The fixture dataset of task ``name`` (a lmms-eval task name)."""
+    """The fixture dataset of task ``name`` (a lmms-eval task name or an alias, e.g. "activitynet_qa")."""
+    from scope.eval.tasks import ALIASES
+
+    name = ALIASES.get(name.strip().lower(), name)
     if name not in FIXTURES:
         raise ValueError(f"name={name!r}: fixtures exist for {sorted(FIXTURES)}")
     return FIXTURES[name]()
