@@ -7,6 +7,7 @@ import importlib.util
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -465,3 +466,42 @@ def test_qwen_model_share_budget_and_pixel_limits(plugin, monkeypatch):
 
         llava, llava_proc = tiny_llava(seed=0)
         plugin.ScopeLlava(model=llava, processor=llava_proc, method="none", max_pixels=256)
+
+
+def test_video_requests_send_eight_frames_to_video_llava(plugin, monkeypatch, tmp_path):
+    """lmms-eval hands a video task one file path per request: the plugin decodes Video-LLaVA's 8 frames and
+    sends them as videos= with the <video> prompt; an image model refuses such a request."""
+    pytest.importorskip("av")
+    from test_eval_video import write_grey_video
+
+    from scope.testing import tiny_llava, tiny_video_llava
+
+    path = tmp_path / "v_clip.mp4"
+    write_grey_video(path, 20)
+    model, proc = tiny_video_llava(seed=0)
+    lm = plugin.ScopeLlava(model=model, processor=proc, method="scope", budget=16, protocol="hf")
+    seen = {}
+
+    def fake_generate(model, processor, prompts, images, max_new_tokens, videos=False):
+        seen.update(prompts=prompts, images=images, videos=videos)
+        return ["run"] * len(prompts), [None] * len(prompts)
+
+    monkeypatch.setattr(plugin, "generate_answers", fake_generate)
+    lm.task_dict = {"activitynetqa": {"test": [{"video_name": "clip"}]}}
+    gen = {"max_new_tokens": 2, "until": ["ASSISTANT:"]}
+    reqs = [
+        types.SimpleNamespace(args=("what? Answer.", gen, lambda d: [str(path)], 0, "activitynetqa", "test"))
+    ]
+    assert lm.generate_until(reqs) == ["run"]
+    assert seen["videos"] is True and seen["prompts"] == ["USER: <video>\nwhat? Answer. ASSISTANT:"]
+    (frames,) = seen["images"]
+    # 20 frames -> indices 0, 2, 5, 8, 10, 13, 16, 19: grey levels 10 x those (lossy codec: +-4)
+    assert [float(np.asarray(f).mean()) for f in frames] == pytest.approx(
+        [0, 20, 50, 80, 100, 130, 160, 190], abs=4
+    )
+
+    model, proc = tiny_llava(seed=0)
+    lm = plugin.ScopeLlava(model=model, processor=proc, method="none", protocol="hf")
+    lm.task_dict = {"activitynetqa": {"test": [{"video_name": "clip"}]}}
+    with pytest.raises(ValueError, match=r"\['activitynetqa'\] send videos.*LlavaForConditionalGeneration"):
+        lm.generate_until(reqs)

@@ -9,6 +9,7 @@ Python::
     sweep(model, processor, "synthbench", methods=["scope", "random"], budgets=[192, 64], out_root="results/sweep")
 
 CLI: ``python -m scope.eval --method scope --budget 64 --tasks synthbench --out results/scope-64``.
+Video QA (Video-LLaVA, Table 3): :mod:`scope.eval.video_tasks` (``--tasks msvd_qa,... --judge match|openai``).
 Tables from run directories: :mod:`scope.report`.
 """
 

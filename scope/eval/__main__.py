@@ -10,6 +10,8 @@ Examples::
     python -m scope.eval --rescore results/llava15-scope-64       # re-aggregate from the JSONL logs
     python -m scope.eval --model llava-hf/llava-1.5-7b-hf --tasks textvqa,seedbench --show-prompts --limit 2
     python -m scope.eval --tasks pope,seedbench --fixtures --method scope --budget 8   # offline fixture data
+    python -m scope.eval --model LanguageBind/Video-LLaVA-7B-hf --method scope --budget 136 \\
+        --tasks msvd_qa,msrvtt_qa,tgif_qa,activitynetqa --datasets-dir eval/GPT_Zero_Shot_QA   # Table 3
     python -m scope.eval --model Qwen/Qwen2-VL-7B-Instruct --method scope,divprune --budget 0.25,0.1 \\
         --tasks gqa,mmbench_en_dev,mme,pope --dtype bfloat16 --out results/qwen2vl   # Table 8 (shares)
 
@@ -32,10 +34,17 @@ import os
 import sys
 from pathlib import Path
 
+TINY_VIDEO_LLAVA = "tiny-video-llava"  # --model name of scope.testing.tiny_video_llava (random weights)
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scope.eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="hub id or local path (default: the embedded MiniLLaVA)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"hub id or local path (default: the embedded MiniLLaVA); {TINY_VIDEO_LLAVA!r}: a tiny "
+        "random-weight Video-LLaVA for offline runs of the video tasks (mechanics only, not results)",
+    )
     p.add_argument("--method", default="scope", help="pruning method(s), comma-separated; 'none' = unpruned")
     p.add_argument(
         "--budget",
@@ -46,6 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--option", action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. alpha=0.5"
     )
     p.add_argument("--tasks", default="synthbench", help="comma-separated task names")
+    p.add_argument(
+        "--judge",
+        default="match",
+        choices=["match", "openai"],
+        help="video QA scoring: offline word match (default; not the paper's GPT judge) or the authors' "
+        "GPT-3.5 judge (needs openai and OPENAI_API_KEY)",
+    )
     p.add_argument("--limit", type=int, default=None, help="first N questions per task")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None)
@@ -112,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     from scope.load import load
 
     try:  # each process on its own device (accelerate's), in the dtype asked for
-        model, processor = load(args.model, device=str(state.device), dtype=args.dtype)
+        if args.model == TINY_VIDEO_LLAVA:
+            model, processor = tiny_video_llava_hf(args.seed)
+        else:
+            model, processor = load(args.model, device=str(state.device), dtype=args.dtype)
     except ValueError as err:
         raise SystemExit(str(err)) from None
 
@@ -128,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         max_pixels=args.max_pixels,
         datasets=datasets,
         data_dir=args.datasets_dir,
+        judge=args.judge,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
@@ -156,6 +176,16 @@ def main(argv: list[str] | None = None) -> int:
 
             print(to_markdown(paper_layout([Path(out) / k for k in res], ci=False)))
     return 0
+
+
+def tiny_video_llava_hf(seed: int = 0):
+    """(model, processor) of :func:`scope.testing.tiny_video_llava`, run under the ``hf`` protocol (its
+    processor is the one it was built with; there is no authors' pipeline to reproduce on random weights)."""
+    from scope.testing import tiny_video_llava
+
+    model, processor = tiny_video_llava(seed=seed)
+    processor.scope_protocol = "hf"
+    return model, processor
 
 
 def parse_budgets(text: str) -> list[int | float]:
@@ -200,7 +230,7 @@ def show_prompts(args: argparse.Namespace, datasets: dict) -> str:
     from scope.protocol import limited_pixels, resolve_protocol
 
     try:
-        processor = load_processor(args.model)
+        processor = tiny_video_llava_hf()[1] if args.model == TINY_VIDEO_LLAVA else load_processor(args.model)
         protocol = resolve_protocol(args.model, args.protocol or getattr(processor, "scope_protocol", None))
         tasks = parse_tasks(args.tasks)
     except (ValueError, FileNotFoundError, ConnectionError) as err:
@@ -218,6 +248,7 @@ def show_prompts(args: argparse.Namespace, datasets: dict) -> str:
 def _task_inputs(args, processor, protocol, tasks, datasets: dict, limit: int) -> list[str]:
     """:func:`show_prompts`' lines for every task."""
     from scope.eval.tasks import prepare
+    from scope.eval.video_tasks import video_inputs
     from scope.protocol import format_inputs, model_inputs
 
     out = []
@@ -228,6 +259,10 @@ def _task_inputs(args, processor, protocol, tasks, datasets: dict, limit: int) -
         else:
             docs = task.load(limit=limit, seed=args.seed, data_dir=args.datasets_dir)
         for i in range(min(limit, len(docs))):
+            if task.video:  # frames and the video prompt (scope.eval.video_tasks)
+                out.append(video_inputs(processor, task, docs[i], protocol, f"[{task.name} #{i}]"))
+                out[-1] += f"\n  max new tokens: {args.max_new_tokens or task.max_new_tokens}"
+                continue
             inputs = model_inputs(processor, task.prompt(docs[i]), task.images(docs[i]), protocol)
             out.append(format_inputs(f"[{task.name} #{i}] qid={task.qid(docs[i])}", inputs))
             out[-1] += f"\n  max new tokens: {args.max_new_tokens or task.max_new_tokens}"

@@ -1,7 +1,8 @@
 """Tiny in-memory datasets in the lmms-lab schemas, for tests and offline smoke runs (no network).
 
 Column names and types follow the lmms-lab datasets lmms-eval loads (POPE, MME, GQA, MMBench, ScienceQA,
-textvqa, SEED-Bench, MMMU), including every field the ``paper`` protocol reads (TextVQA's ``ocr_tokens``,
+textvqa, SEED-Bench, MMMU; the video QA tasks in the rows :mod:`scope.eval.video_tasks` reads, with their
+frames already decoded), including every field the ``paper`` protocol reads (TextVQA's ``ocr_tokens``,
 SEED's ``data_type`` and video frames); the contents are made up. Some images are not square, so that
 padding and cropping differ. ``fixture(name)`` returns a ``datasets.Dataset``; ``python -m scope.eval
 --fixtures`` runs any command on them.
@@ -180,6 +181,39 @@ def mmmu() -> Any:
     )
 
 
+def _video_qa(seed: int) -> Any:
+    """Three questions on synthetic clips (``scope.testing.tiny_video``: a bright rectangle moving right),
+    frames already decoded: 8, 12 and 5 of them, so that sampling 8 keeps, thins and repeats frames."""
+    from scope.testing import tiny_video
+
+    counts = [8, 12, 5]
+    return _rows(
+        {
+            "question_id": [f"v{seed}_{i}" for i in range(3)],
+            "video_name": [f"clip{seed}_{i}" for i in range(3)],
+            "question": ["what is moving?", "which way does the box move", "how many boxes are there?"],
+            "answer": ["box", "right", "one"],
+            "frames": [tiny_video(n, seed=seed + i) for i, n in enumerate(counts)],
+        }
+    )
+
+
+def msvd_qa() -> Any:
+    return _video_qa(0)
+
+
+def msrvtt_qa() -> Any:
+    return _video_qa(1)
+
+
+def tgif_qa() -> Any:
+    return _video_qa(2)
+
+
+def activitynetqa() -> Any:
+    return _video_qa(3)
+
+
 FIXTURES = {
     "pope": pope,
     "mme": mme,
@@ -189,11 +223,18 @@ FIXTURES = {
     "textvqa_val": textvqa,
     "seedbench": seedbench,
     "mmmu_val": mmmu,
+    "msvd_qa": msvd_qa,
+    "msrvtt_qa": msrvtt_qa,
+    "tgif_qa": tgif_qa,
+    "activitynetqa": activitynetqa,
 }
 
 
 def fixture(name: str) -> Any:
-    """The fixture dataset of task ``name`` (a lmms-eval task name)."""
+    """The fixture dataset of task ``name`` (a lmms-eval task name or an alias, e.g. "activitynet_qa")."""
+    from scope.eval.tasks import ALIASES
+
+    name = ALIASES.get(name.strip().lower(), name)
     if name not in FIXTURES:
         raise ValueError(f"name={name!r}: fixtures exist for {sorted(FIXTURES)}")
     return FIXTURES[name]()

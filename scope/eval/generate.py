@@ -8,13 +8,20 @@ from typing import Any
 
 import torch
 
+from scope.eval.video_tasks import video_prompt
 from scope.protocol import build_prompt as protocol_prompt
+from scope.protocol import get_protocol
 
 
-def build_prompt(processor: Any, question: str, n_images: int = 1, protocol: str = "hf") -> str:
+def build_prompt(
+    processor: Any, question: str, n_images: int = 1, protocol: str = "hf", video: bool = False
+) -> str:
     """The prompt for one question with ``n_images`` images in front of it, as ``protocol`` builds it
     (:func:`scope.protocol.build_prompt`: the checkpoint's chat template under "hf", LLaVA's vicuna_v1
-    conversation under "paper")."""
+    conversation under "paper"); with ``video``, one video in front of it instead
+    (:func:`scope.eval.video_tasks.video_prompt`)."""
+    if video:
+        return video_prompt(processor, question, get_protocol(protocol))
     return protocol_prompt(processor, question, n_images, protocol)
 
 
@@ -63,11 +70,13 @@ def _capture_llm_input(model: Any):
         handle.remove()
 
 
-def _image_token_id(model: Any, processor: Any) -> int | None:
+def _visual_token_ids(model: Any, processor: Any) -> list[int]:
+    """The placeholder ids of images (and videos, on Video-LLaVA) in the prompt."""
     tid = getattr(getattr(model, "config", None), "image_token_id", None)
     if tid is None and getattr(processor, "image_token", None) is not None:
         tid = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    return tid
+    vid = getattr(getattr(model, "config", None), "video_token_id", None)
+    return [t for t in (tid, vid) if t is not None]
 
 
 @torch.inference_mode()
@@ -77,8 +86,12 @@ def generate_answers(
     prompts: Sequence[str],
     images: Sequence[Sequence[Any]],
     max_new_tokens: int = 16,
+    videos: bool = False,
 ) -> tuple[list[str], list[int | None]]:
     """Greedy answers for a batch of prompts (left-padded), and the visual tokens each one fed the LLM.
+
+    ``images``: each prompt's images; with ``videos``, each prompt's video as its list of frames (given to
+    the processor as ``videos=``).
 
     The visual-token count is read from the language model's own input: its prefill length (or attention
     mask row) minus the prompt's text tokens, summed over the sample's images. It therefore counts what
@@ -91,7 +104,8 @@ def generate_answers(
     if old_side is not None:
         tok.padding_side = "left"  # generation continues from the right edge
     try:
-        inputs = processor(images=flat or None, text=list(prompts), return_tensors="pt", padding=True)
+        visual = {"videos": [list(v) for v in images]} if videos else {"images": flat or None}
+        inputs = processor(text=list(prompts), return_tensors="pt", padding=True, **visual)
     finally:
         if old_side is not None:
             tok.padding_side = old_side
@@ -119,11 +133,12 @@ def generate_answers(
     texts = [t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
     kept: list[int | None] = [None] * len(prompts)
-    tid = _image_token_id(model, processor) if seen.get("len") is not None else None
-    if tid is not None:
+    tids = _visual_token_ids(model, processor) if seen.get("len") is not None else []
+    if tids:
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask", torch.ones_like(ids))
-        n_text = (mask.sum(-1) - ((ids == tid) & mask.bool()).sum(-1)).cpu()
+        visual_ids = torch.isin(ids, torch.tensor(tids, device=ids.device))
+        n_text = (mask.sum(-1) - (visual_ids & mask.bool()).sum(-1)).cpu()
         # without a mask (generate drops an all-ones one) no row is padded: each fills the prefill length
         lengths = seen["mask"] if seen.get("mask") is not None else torch.full_like(n_text, seen["len"])
         kept = [int(x) for x in (lengths - n_text)]

@@ -1,5 +1,5 @@
-"""An lmms-eval model, ``scope_llava``: any LLaVA / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL checkpoint, pruned by
-``scope.patch``.
+"""An lmms-eval model, ``scope_llava``: any LLaVA / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL / Video-LLaVA checkpoint,
+pruned by ``scope.patch``.
 
 For users who already run the field's harness (``pip install 'scope-pruning[lmms]'``)::
 
@@ -39,6 +39,10 @@ by ``rank`` / ``world_size``. lmms-eval finds the model through the ``lmms_eval.
 (``manifest`` below) in current releases, and through ``register_model`` when this module is imported in
 older ones. Prompts and images follow the protocol and decoding is greedy, exactly as ``python -m scope.eval``
 does.
+
+Video tasks (e.g. lmms-eval's ``activitynetqa``) on Video-LLaVA: lmms-eval hands each request a video file
+path; the plugin decodes the 8 frames Video-LLaVA samples (:mod:`scope.eval.video_tasks`, PyAV) and sends
+them as ``videos=`` with the ``<video>`` prompt of the protocol. Scoring stays lmms-eval's (its GPT judge).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ import torch
 from scope.eval.generate import build_prompt, generate_answers
 from scope.eval.rundir import json_value
 from scope.eval.tasks import get_task
+from scope.eval.video_tasks import is_video_path, supports_video, video_frames
 from scope.load import resolve_dtype
 from scope.methods import IN_LLM, get_method, is_unpruned
 from scope.protocol import PROTOCOLS, applied, limited_pixels, prepare_images, resolve_protocol, run_options
@@ -284,15 +289,22 @@ class ScopeLlava(lmms):
         out: list[str] = []
         for start in range(0, len(requests), self.batch_size):
             chunk = [r.args for r in requests[start : start + self.batch_size]]
+            docs = [self.task_dict[task][split][i] for _, _, _, i, task, split in chunk]
+            raw = [list(dv(doc)) for (_, _, dv, *_), doc in zip(chunk, docs)]
+            video = self._video_batch(raw, [task for *_, task, _ in chunk])
             visuals = [
-                self._visuals(dv, self.task_dict[task][split][i], task) for _, _, dv, i, task, split in chunk
+                video_frames({"video": r[0]}) if video else self._visuals(r, doc, task)
+                for r, doc, (*_, task, _) in zip(raw, docs, chunk)
             ]
             p = self.protocol
-            prompts = [build_prompt(self.processor, ctx, len(v), p) for (ctx, *_), v in zip(chunk, visuals)]
+            prompts = [
+                build_prompt(self.processor, ctx, len(v), p, video) for (ctx, *_), v in zip(chunk, visuals)
+            ]
             gen = chunk[0][1] or {}
             mnt = self.max_new_tokens or int(gen.get("max_new_tokens", 16))
+            kw = {"videos": True} if video else {}  # a video's 8 frames go to the processor as videos=
             with applied(self.processor, self.model, p), limited_pixels(self.processor, *self.pixels):
-                texts, _ = generate_answers(self.model, self.processor, prompts, visuals, mnt)
+                texts, _ = generate_answers(self.model, self.processor, prompts, visuals, mnt, **kw)
             for (_, g, *_), text in zip(chunk, texts):
                 until = (g or {}).get("until") or []
                 for stop in [until] if isinstance(until, str) else until:
@@ -300,14 +312,29 @@ class ScopeLlava(lmms):
                 out.append(text.strip())
         return out
 
-    def _visuals(self, doc_to_visual, doc, task: str) -> list:
+    def _visuals(self, visuals: list, doc, task: str) -> list:
         """A request's images as the protocol prepares them (under ``paper``, a SEED video question keeps
         its first frame, as the authors' lmms-eval llava model does)."""
-        visuals = list(doc_to_visual(doc))
         seed = get_task("seedbench")
         if self.protocol.authors and task == seed.name and doc.get("data_type") == "video":
             visuals = visuals[:1]
         return prepare_images(self.processor, visuals, self.protocol)
+
+    def _video_batch(self, raw: list[list], tasks: list[str]) -> bool:
+        """Whether a batch's requests are videos (lmms-eval hands a video task one file path per request),
+        which Video-LLaVA answers from 8 frames sampled as :func:`scope.eval.video_tasks.frame_indices`.
+        A batch mixing videos and images, or a video on a model without video input, raises."""
+        is_video = [len(r) == 1 and is_video_path(r[0]) for r in raw]
+        if not any(is_video):
+            return False
+        if not all(is_video):
+            raise ValueError(f"scope_llava: a batch of tasks {sorted(set(tasks))} mixes videos and images")
+        if not supports_video(self.model):
+            raise ValueError(
+                f"scope_llava: tasks {sorted(set(tasks))} send videos, and {type(self.model).__name__} takes "
+                "none; video tasks run on Video-LLaVA (pretrained=LanguageBind/Video-LLaVA-7B-hf)"
+            )
+        return True
 
     def loglikelihood(self, requests):
         """Not supported: scope_llava answers generation tasks only."""

@@ -197,6 +197,7 @@ def rescore(out_dir: str | Path) -> dict[str, Any]:
         old = read_results(out_dir / "results.json")
         results = {"config": brief_config(cfg), "tasks": {}}
         for task in parse_tasks(cfg["tasks"]):
+            task = task.judged(cfg.get("judge"))  # video QA: the run's judge names the main metric
             recs = merge_task(out_dir, task.name)
             n_exp = old.get("tasks", {}).get(task.name, {}).get("n_expected")
             results["tasks"][task.name] = score_records(task, recs, n_exp)

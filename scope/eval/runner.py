@@ -38,6 +38,7 @@ from scope.eval.rundir import (
     write_json,
 )
 from scope.eval.tasks import Task, get_task, parse_tasks, prepare
+from scope.eval.video_tasks import DEFAULT_JUDGE, check_judge, supports_video
 from scope.methods import IN_LLM, NONE, UNPRUNED, get_method, is_unpruned
 from scope.protocol import (
     HF,
@@ -66,10 +67,11 @@ IDENTITY = (
     "batch_size",
     "protocol",
     "pixels",
+    "judge",
 )
 # what a field missing from an older config.json meant (runs before protocols existed used the checkpoint's
-# own processor and template)
-IDENTITY_DEFAULTS = {"protocol": HF.name, "pixels": None}
+# own processor and template; runs before the video judges had only rule-based scoring, i.e. "match")
+IDENTITY_DEFAULTS = {"protocol": HF.name, "pixels": None, "judge": DEFAULT_JUDGE}
 
 
 def _dist(rank: int | None, world_size: int | None):
@@ -115,6 +117,7 @@ def evaluate(
     datasets: dict[str, Any] | None = None,
     data_dir: str | None = None,
     task_kwargs: dict[str, dict] | None = None,
+    judge: str = DEFAULT_JUDGE,
     overwrite: bool = False,
     rank: int | None = None,
     world_size: int | None = None,
@@ -138,6 +141,9 @@ def evaluate(
         datasets, data_dir: {task name: dataset} used instead of loading (offline fixtures); local benchmark
             copies tried before the hub (:mod:`scope.eval.sources`).
         task_kwargs: {task name: kwargs for its loader}, e.g. {"synthbench": {"image_size": 384}}.
+        judge: how video QA answers are scored (:mod:`scope.eval.video_tasks`): "match" (offline word match,
+            metric ``match_acc``; not the paper's GPT judge) or "openai" (the authors' GPT-3.5 judge,
+            ``gpt_acc`` / ``gpt_score``). Part of the run's identity. Video tasks need a Video-LLaVA model.
         overwrite: delete the run in out_dir (logs, results, config) and start afresh. Without it, a run
             already there resumes only if every field of :data:`IDENTITY` agrees (else ValueError).
         rank, world_size: simulate one process of a multi-process run (default: accelerate's PartialState).
@@ -147,6 +153,7 @@ def evaluate(
     """
     _check_sizes(batch_size, max_new_tokens)
     task_list = parse_tasks(tasks)
+    _check_video(model, task_list, judge)
     datasets = {get_task(k).name: v for k, v in (datasets or {}).items()}
     out_dir = Path(out_dir)
     rank, world_size, state = _dist(rank, world_size)
@@ -160,6 +167,7 @@ def evaluate(
         )
         config.update(tasks=[t.name for t in task_list], batch_size=batch_size, world_size=world_size)
         config.update(protocol=proto.name, data_dir=data_dir, pixels=pixel_limits(processor))  # IDENTITY
+        config.update(judge=judge)
         config.update(datasets_given=sorted(t.name for t in task_list if t.name in datasets))
         return _run(model, processor, task_list, config, datasets, out_dir, rank, state, progress, overwrite)
 
@@ -180,8 +188,9 @@ def _run(model, processor, task_list, config, datasets, out_dir: Path, rank, sta
         results: dict[str, Any] = {"config": brief_config(config), "tasks": {}}
         with _pruning(model, method, budget, options), applied(processor, model, proto):
             for task in task_list:
+                run_task = task.under(proto).judged(config["judge"])
                 entry = _evaluate_task(
-                    model, processor, task.under(proto), config, datasets, out_dir, rank, state, progress
+                    model, processor, run_task, config, datasets, out_dir, rank, state, progress
                 )
                 if is_main:
                     _add_equivalent_tokens(entry, model, method, budget, options or {})
@@ -207,6 +216,18 @@ def run_protocol(model: Any, processor: Any, model_id: str | None, protocol: str
     chosen = protocol or getattr(processor, "scope_protocol", None)
     name = model_id or getattr(getattr(model, "config", None), "_name_or_path", None)
     return resolve_protocol(name, chosen)
+
+
+def _check_video(model: Any, task_list: list[Task], judge: str) -> None:
+    """Refuse an unknown judge, and video tasks on a model that takes no videos, naming both."""
+    check_judge(judge)
+    video = [t.name for t in task_list if t.video]
+    if video and not supports_video(model):
+        kind = getattr(getattr(model, "config", None), "model_type", None)
+        raise ValueError(
+            f"tasks {video} are video QA, and model {type(model).__name__} (model_type {kind!r}) takes no "
+            "videos; they run on Video-LLaVA (e.g. LanguageBind/Video-LLaVA-7B-hf)"
+        )
 
 
 def _check_sizes(batch_size: int, max_new_tokens: int | None) -> None:
@@ -410,10 +431,16 @@ def _run_task(
         for start in range(0, len(todo), batch_size):
             idxs = todo[start : start + batch_size]
             batch = [docs[i] for i in idxs]
-            imgs = [prepare_images(processor, task.images(d), protocol) for d in batch]
+            # a video task's "images" are its video's frames, which the protocol leaves as they are
+            imgs = [
+                task.images(d) if task.video else prepare_images(processor, task.images(d), protocol)
+                for d in batch
+            ]
             questions = [task.prompt(d) for d in batch]
-            prompts = [build_prompt(processor, q, len(im), protocol) for q, im in zip(questions, imgs)]
-            preds, kept = generate_answers(model, processor, prompts, imgs, mnt)
+            prompts = [
+                build_prompt(processor, q, len(im), protocol, task.video) for q, im in zip(questions, imgs)
+            ]
+            preds, kept = generate_answers(model, processor, prompts, imgs, mnt, videos=task.video)
             for i, d, q, p, k in zip(idxs, batch, prompts, preds, kept):
                 rec = {
                     "idx": i,

@@ -22,6 +22,8 @@ Where the scoring differs from lmms-eval (all documented in the functions of :mo
 - MMMU: an unparseable multiple-choice answer gets MMMU's random letter, seeded by the question id.
 - ``limit`` keeps the first N rows, as lmms-eval's ``--limit``: POPE's first rows are all "adversarial", and
   MME scores over cut pairs are not comparable with full-set scores.
+- Video QA (MSVD, MSRVTT, TGIF, ActivityNet; Video-LLaVA): loading, frames, prompts and the named judge
+  live in :mod:`scope.eval.video_tasks`; the default judge is an offline word match, not the paper's GPT.
 - SEED-Bench: every question, as lmms-eval's ``seedbench``: ``seed_all`` (the paper's "SEED", e.g. 58.6 for
   LLaVA-1.5-7B), ``seed_image`` ("SEED-I") and ``seed_video``. Video questions carry frames: all of them under
   ``hf`` (lmms-eval's doc_to_visual), the first one under ``paper`` (the authors' lmms-eval llava model).
@@ -37,7 +39,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import scope.eval.metrics as M
+from scope.eval import video_tasks
 from scope.eval.sources import load_hub_dataset
+from scope.eval.video_tasks import DEFAULT_JUDGE
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 OPTION_LETTER = "\nAnswer with the option's letter from the given choices directly."
@@ -72,6 +76,11 @@ class Task:
     authors: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
     # paper headers of metrics other than `main` (SEED-I for seed_image)
     metric_columns: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    video: bool = False  # images(doc) are one video's frames, given to the processor as videos=
+    # the fields a judge sets (video QA: scorer and main metric; scope.eval.video_tasks), applied by `judged`
+    judges: Callable[[str], dict[str, Any]] | None = field(
+        default=None, repr=False, compare=False, hash=False
+    )
 
     def load(
         self, limit: int | None = None, seed: int = 0, data_dir: str | None = None, **kwargs: Any
@@ -81,7 +90,7 @@ class Task:
         if limit is not None and limit < 1:
             raise ValueError(f"limit={limit!r} must be a positive int or None")
         if self.loader is not None:
-            return self.loader(limit=limit, seed=seed, **kwargs)
+            return self.loader(limit=limit, seed=seed, data_dir=data_dir, **kwargs)
         ds = load_hub_dataset(self.hf_path, self.hf_name, self.split, data_dir)
         return prepare(self, ds, limit, data_dir)
 
@@ -89,6 +98,11 @@ class Task:
         """This task as ``protocol`` runs it: with :attr:`authors` applied when the protocol asks for the
         authors' settings (``protocol.authors``, :mod:`scope.protocol`), else unchanged."""
         return replace(self, **self.authors) if getattr(protocol, "authors", False) and self.authors else self
+
+    def judged(self, judge: str | None) -> Task:
+        """This task scored by ``judge`` (video QA: "match" or "openai", :mod:`scope.eval.video_tasks`; None:
+        the default, "match"); tasks scored by rules alone come back unchanged."""
+        return replace(self, **self.judges(judge or DEFAULT_JUDGE)) if self.judges is not None else self
 
 
 def prepare(task: Task, ds, limit: int | None, data_dir: str | None = None):
@@ -173,7 +187,7 @@ def _synth_aggregate(records: list[dict]) -> dict[str, float]:
     return out
 
 
-def _synth_loader(limit=None, seed=0, split="test", **kw):
+def _synth_loader(limit=None, seed=0, split="test", data_dir=None, **kw):  # rendered: no data_dir
     from scope.mini.synthbench import load_synthbench
 
     return load_synthbench(split=split, limit=limit, seed=seed, **kw)
@@ -550,8 +564,11 @@ TASKS: dict[str, Task] = {
     ]
 }
 
+TASKS.update({f["name"]: Task(**f) for f in video_tasks.task_fields()})  # MSVD, MSRVTT, TGIF, ActivityNet QA
+
 # Accept the names people type as well as lmms-eval's.
 ALIASES = {
+    **video_tasks.ALIASES,
     "mmbench": "mmbench_en_dev",
     "mmb": "mmbench_en_dev",
     "sqa": "scienceqa_img",
