@@ -214,6 +214,21 @@ def _make_inputs(model, processor, question: str):
     return processor(images=image, text=build_prompt(processor, question), return_tensors="pt")
 
 
+def _selection_time(model, inputs, method, budget, options, min_run_time, repeats, pruned) -> dict:
+    """The spread of a pre-LLM method's selection on this image's real features (NaN for the others)."""
+    import scope
+
+    nan = float("nan")
+    if not pruned or get_method(method).stage != PRE_LLM:
+        return {"median": nan, "lo": nan, "hi": nan}
+    feats, sal = _vision_inputs(model, inputs)
+    per_crop = max(1, budget // feats.shape[0])
+    own = method_options(options)  # without the patch's own keep_newlines
+    device = next(model.parameters()).device
+    select = lambda: scope.prune(feats, sal, budget=per_crop, method=method, **own)  # noqa: E731
+    return spread(timed_repeats(select, device, min_run_time, repeats))
+
+
 def measure(
     model,
     inputs,
@@ -272,21 +287,7 @@ def measure(
     finally:
         if pruned:
             scope.unpatch(model)
-    nan = float("nan")
-    select_s = {"median": nan, "lo": nan, "hi": nan}
-    if pruned and get_method(method).stage == PRE_LLM:
-        feats, sal = _vision_inputs(model, inputs)
-        crops = feats.shape[0]
-        per_crop = max(1, budget // crops)
-        own = method_options(options)  # without the patch's own keep_newlines
-        select_s = spread(
-            timed_repeats(
-                lambda: scope.prune(feats, sal, budget=per_crop, method=method, **own),
-                device,
-                min_run_time / 2,
-                repeats,
-            )
-        )
+    select_s = _selection_time(model, inputs, method, budget, options, min_run_time / 2, repeats, pruned)
     visual = [n - n_text for n in per_layer]
     timings = {
         f"{name}{end}": 1e3 * value[key]

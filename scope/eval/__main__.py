@@ -95,10 +95,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def parse_options(pairs: list[str]) -> dict:
+    """``--option KEY=VALUE`` pairs as a dict, each value read as JSON where it parses (else a string)."""
+    from scope.eval.rundir import json_value
+
+    options = {}
+    for kv in pairs:
+        if "=" not in kv:
+            raise SystemExit(f"--option {kv!r} must look like KEY=VALUE")
+        k, v = kv.split("=", 1)
+        options[k.strip()] = json_value(v.strip())
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
-    from scope.eval.rundir import json_value, rescore, summary_table
+    from scope.eval.rundir import rescore, summary_table
     from scope.eval.runner import evaluate, sweep
 
     if args.rescore:
@@ -111,12 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     budgets = parse_budgets(args.budget)
     if not budgets:
         raise SystemExit(f"--budget={args.budget!r} names no budget; give one or more, comma-separated")
-    options = {}
-    for kv in args.option:
-        if "=" not in kv:
-            raise SystemExit(f"--option {kv!r} must look like KEY=VALUE")
-        k, v = kv.split("=", 1)
-        options[k.strip()] = json_value(v.strip())
+    options = parse_options(args.option)
     datasets = fixture_datasets(args.tasks) if args.fixtures else {}
     if args.show_prompts:
         print(show_prompts(args, datasets))
