@@ -167,3 +167,42 @@ def test_reproduce_tells_which_regenerated_tables_differ_from_the_committed(tmp_
         "measured": ["06_latency.csv"],
     }
     assert "01_theta_coverage.csv" in committed_tables()  # the repository's own, from git
+
+
+def _noise(output) -> str | None:
+    """What is wrong with one output of an executed notebook, or None: text on stderr (warnings, progress
+    bars), a warning printed to stdout, or a bare return value (a figure's or an axis' repr)."""
+    if output.get("output_type") == "stream":
+        text = output.get("text", "")
+        if output.get("name") == "stderr":
+            return f"stderr: {text[:120]!r}"
+        return f"warning: {text[:120]!r}" if "Warning:" in text else None
+    data = output.get("data", {})
+    if output.get("output_type") == "execute_result" and set(data) == {"text/plain"}:
+        plain = data["text/plain"]
+        return f"stray value: {plain[:80]!r}" if plain.lstrip("[(").startswith("<") else None
+    return None
+
+
+@pytest.mark.parametrize(
+    "path", sorted((NOTEBOOKS_DIR / "executed").glob("[0-9]*.ipynb")), ids=lambda p: p.stem
+)
+def test_executed_notebooks_show_no_warnings_or_stray_values(path):
+    nb = nbformat.read(path, as_version=4)
+    found = [
+        f"cell {i}: {problem}"
+        for i, cell in enumerate(nb.cells)
+        if cell.cell_type == "code"
+        for problem in map(_noise, cell.get("outputs", []))
+        if problem
+    ]
+    assert not found, f"{path.name}: " + "; ".join(found)
+
+
+def test_noise_is_recognised():
+    assert _noise({"output_type": "stream", "name": "stderr", "text": "100%|####|"})
+    assert _noise({"output_type": "stream", "name": "stdout", "text": "x.py:3: UserWarning: y"})
+    assert _noise({"output_type": "execute_result", "data": {"text/plain": "<Axes: >"}})
+    assert _noise({"output_type": "execute_result", "data": {"text/plain": "[<matplotlib.lines.Line2D>]"}})
+    assert _noise({"output_type": "stream", "name": "stdout", "text": "22 runs; 0 to compute"}) is None
+    assert _noise({"output_type": "execute_result", "data": {"text/plain": "   a  b"}}) is None
