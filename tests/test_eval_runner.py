@@ -230,5 +230,27 @@ def test_resume_refuses_fixture_answers_for_loaded_data(tmp_path):
     assert res["tasks"]["pope"]["n"] == 6
     recs = read_jsonl(tmp_path / "loaded" / "samples" / "pope.jsonl")
     assert all(r["prompt"].startswith("USER: <image>\nReal: ") for r in recs)
-    evaluate(ScriptedModel({}), CharProcessor(), "pope", out_dir=tmp_path / "loaded",
-             data_dir=str(tmp_path / "data"), progress=False)  # fmt: skip -- loaded again: resumes
+    evaluate(
+        ScriptedModel({}),
+        CharProcessor(),
+        "pope",
+        out_dir=tmp_path / "loaded",
+        data_dir=str(tmp_path / "data"),
+        progress=False,
+    )  # fmt: skip -- loaded again: resumes
+
+
+def test_resume_refuses_a_dataset_that_changed_under_the_logged_indices(tmp_path):
+    ds = fixture("pope")
+    answers = _pope_answers(ds)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "run", ScriptedModel(answers, crash_after=1), ds, batch_size=2)
+    logged = [r["qid"] for r in read_jsonl(tmp_path / "run" / "samples" / "pope.rank0.jsonl")]
+    assert len(logged) == 2
+    # the first row gone (a file missing from a local copy): every later question moves up one index
+    shifted = ds.select(range(1, len(ds)))
+    with pytest.raises(ValueError, match=rf"question 0 was '{logged[0]}'.*is '{shifted[0]['question_id']}'"):
+        _run(tmp_path / "run", ScriptedModel(answers), shifted, batch_size=2)
+    # the same data resumes
+    res = _run(tmp_path / "run", ScriptedModel(answers), ds, batch_size=2)
+    assert res["tasks"]["pope"]["n"] == len(ds)

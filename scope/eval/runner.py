@@ -347,7 +347,9 @@ def _evaluate_task(
         kwargs = config["task_kwargs"].get(task.name, {})
         docs = task.load(limit=limit, seed=seed, data_dir=config["data_dir"], **kwargs)
     n = len(docs)
-    done = set(logged_records(out_dir, task.name))
+    logged = logged_records(out_dir, task.name)
+    check_logged_questions(task, docs, logged, out_dir)
+    done = set(logged)
     # Shard the full index range, not the remaining list: every process then agrees on who owns which
     # question whatever the others have already logged, and a resume with another world size still
     # covers every index exactly once.
@@ -360,6 +362,32 @@ def _evaluate_task(
     if rank != 0:
         return None
     return score_records(task, merge_task(out_dir, task.name), n)
+
+
+def check_logged_questions(
+    task: Task, docs, logged: dict[int, dict], out_dir: Path, n_checks: int = 64
+) -> None:
+    """Refuse to resume when the questions under the logged indices are not the ones answered before.
+
+    A run resumes by dataset index, so a dataset that changed between sessions (another source or
+    ``data_dir``, a new version on the hub, videos added to or removed from a local copy) would pair old
+    answers with new questions. The identity in ``config.json`` cannot see that; the logged question ids
+    can. Up to ``n_checks`` logged indices, spread over the range (the last included), are compared: reading
+    a question can decode its image, so not all of them."""
+    if not logged:
+        return
+    idxs = sorted(logged)
+    step = max(1, len(idxs) // n_checks)
+    for i in sorted(set(idxs[::step]) | {idxs[-1]}):
+        was = logged[i].get("qid")
+        now = (task.qid(docs[i]) or f"{task.name}-{i}") if i < len(docs) else None
+        if was is not None and was != now:
+            raise ValueError(
+                f"{out_dir}: {task.name} question {i} was {was!r} when this run was logged and is {now!r} in "
+                f"the dataset loaded now ({len(docs)} questions): the data changed since the run started "
+                "(source, data_dir, missing files). Resume with the same data, or start a new run "
+                "(another out_dir, or overwrite=True)"
+            )
 
 
 def _add_equivalent_tokens(
