@@ -221,6 +221,7 @@ def paired_tests(
         ref = _reference(run, loaded, against)
         if ref is None:
             continue
+        _check_comparable(run, ref)
         for task, res in run["results"].items():
             if task in ref["results"]:
                 rows += _compare_task(run, ref, task, metric_names(task, res, metrics), n_boot, seed, level)
@@ -244,7 +245,22 @@ def _load(d: Path) -> dict[str, Any]:
         "options": json_options(cfg.get("options")),
         "results": run["results"]["tasks"],
         "records": {},
+        "setting": {k: cfg.get(k) for k in SAME_SETTING},
     }
+
+
+# what a run and its reference must share for a paired test to compare pruning alone
+SAME_SETTING = ("model", "revision", "protocol", "limit", "seed", "task_kwargs", "max_new_tokens", "judge")
+
+
+def _check_comparable(run: dict, ref: dict) -> None:
+    differ = {k: (v, ref["setting"][k]) for k, v in run["setting"].items() if v != ref["setting"][k]}
+    if differ:
+        raise ValueError(
+            f"run {run['dir']} and its reference {ref['dir']} differ in more than pruning: "
+            + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in differ.items())
+            + "; test runs of one model and setting at a time"
+        )
 
 
 def _reference(run: dict, loaded: list[dict], against: str) -> dict | None:

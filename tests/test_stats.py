@@ -203,3 +203,13 @@ def test_difference_table_reads_one_column(runs):
     assert "-40.0 [" in md  # the paired interval folded beside the difference
     with pytest.raises(ValueError, match="column"):
         stats.difference_table(stats.paired_tests([runs], n_boot=10), "Nope")
+
+
+def test_paired_tests_refuse_a_reference_of_another_model_or_setting(runs):
+    cfg_path = runs / "none" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "model": "another-model", "seed": 1}))
+    with pytest.raises(ValueError, match=r"model 'm' vs 'another-model', seed None vs 1"):
+        stats.paired_tests([runs / "scope-64", runs / "none"], n_boot=50)
+    # against SCOPE the unpruned run is not involved: still fine
+    assert len(stats.paired_tests([runs], against="scope", n_boot=50)) > 0
