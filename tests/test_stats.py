@@ -213,3 +213,14 @@ def test_paired_tests_refuse_a_reference_of_another_model_or_setting(runs):
         stats.paired_tests([runs / "scope-64", runs / "none"], n_boot=50)
     # against SCOPE the unpruned run is not involved: still fine
     assert len(stats.paired_tests([runs], against="scope", n_boot=50)) > 0
+
+
+def test_mcnemar_beyond_the_exact_sum_agrees_with_it(monkeypatch):
+    a = np.array([1] * 30 + [0] * 50 + [1] * 20)  # 30 only a, 50 only b, 20 both right
+    b = np.array([0] * 30 + [1] * 50 + [1] * 20)
+    exact = 2 * sum(math.comb(80, j) for j in range(31)) / 2**80
+    assert stats.mcnemar(a, b)["p"] == exact
+    monkeypatch.setattr(stats, "EXACT_UP_TO", 10)  # the log-space sum
+    assert stats.mcnemar(a, b)["p"] == pytest.approx(exact, rel=1e-12)
+    big = np.array([1] * 9000 + [0] * 9500)
+    assert 0 < stats.mcnemar(big, 1 - big)["p"] < 1e-3  # 9000 vs 9500 disagreements, in milliseconds
