@@ -209,6 +209,8 @@ def test_openai_judge_asks_again_then_records_unparsed(monkeypatch):
     with pytest.raises(RuntimeError, match=r"failed 3 times on question 'v1_0': down"):
         V.GPTJudge(backoff_s=1.0)(DOC, "sleeping")
     assert len(fake.calls) == 3
+    with pytest.raises(ValueError, match="attempts=0 must be a positive int"):
+        V.GPTJudge(attempts=0)
 
 
 def test_judge_replies_parse_and_aggregate_by_hand():

@@ -162,7 +162,8 @@ def decode_frames(path: str | Path, n_frames: int = FRAMES) -> list:
     that overstates what decodes is corrected by a second pass over the frames actually there.
 
     The last few videos' frames are kept (:data:`DECODED_CACHE` videos, keyed by path, size and modification
-    time): a video's questions are consecutive in the benchmarks' files, and a sweep asks them once per run."""
+    time): a video's questions are consecutive in the benchmarks' files, so a run decodes each video once,
+    not once per question."""
     _av()  # without PyAV, say how to install it before anything else
     path = Path(path)
     if not path.is_file():
@@ -358,6 +359,10 @@ class GPTJudge:
     model: str = JUDGE_MODEL
     attempts: int = JUDGE_ATTEMPTS
     backoff_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
+            raise ValueError(f"attempts={self.attempts!r} must be a positive int")
 
     def __call__(self, doc: dict, prediction: str) -> dict:
         messages = judge_messages(str(doc["question"]), str(doc["answer"]), prediction)
