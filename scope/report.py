@@ -34,6 +34,7 @@ import pandas as pd
 from scope import lock
 from scope.eval.rundir import read_jsonl
 from scope.eval.tasks import get_task
+from scope.eval.video_tasks import records_judge
 from scope.methods import IN_LLM, UNPRUNED, find_method, from_paper_label, get_method, is_unpruned
 from scope.paths import PAPER_DIR
 
@@ -179,12 +180,13 @@ def bootstrap_ci(
     level: float = 0.95,
     metric: str | None = None,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of a task metric (default: the task's main one) over its records.
+    """Percentile bootstrap interval of a task metric (default: the task's main one, for video QA the main
+    one of the judge that scored the records) over its records.
 
     Resamples whole units (a question, an MME image pair, an MMBench circular group) with replacement; a
     unit drawn twice enters the metric as two distinct units.
     """
-    metric = metric or get_task(task).main
+    metric = metric or get_task(task).judged(records_judge(records)).main
     return bootstrap_cis(records, task, [metric], n_boot, seed, level)[metric]
 
 

@@ -79,6 +79,33 @@ def test_decode_a_video_file_with_pyav(tmp_path):
         V.decode_frames(tmp_path / "missing.mp4")
 
 
+def test_a_second_question_on_a_video_does_not_decode_it_again(tmp_path, monkeypatch):
+    av = pytest.importorskip("av")
+    path = tmp_path / "clip.mp4"
+    write_grey_video(path, 12)
+    opened = []
+    real_open = av.open
+
+    def counting_open(*args, **kwargs):
+        opened.append(args[0])
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(av, "open", counting_open)
+    first = V.video_frames({"question_id": "q0", "video": str(path)})
+    n_first = len(opened)
+    assert n_first >= 1  # decoded once: the frame count, then the frames
+    second = V.video_frames({"question_id": "q1", "video": str(path)})
+    assert len(opened) == n_first  # not opened again
+    assert [np.asarray(f).tobytes() for f in second] == [np.asarray(f).tobytes() for f in first]
+    second.pop()  # the caller's list is its own: the kept frames stay whole
+    assert len(V.decode_frames(path)) == 8 and len(opened) == n_first
+    V.decode_frames(path, 4)  # another frame count decodes again
+    assert len(opened) > n_first
+    n_before = len(opened)
+    write_grey_video(path, 20)  # a rewritten file decodes again
+    assert len(V.decode_frames(path)) == 8 and len(opened) > n_before
+
+
 def test_missing_pyav_is_a_clear_error(monkeypatch, tmp_path):
     import builtins
 
@@ -109,23 +136,34 @@ def test_match_judge_by_hand():
     assert V.match_score({"answer": "Man"}, "the man") == {"score": 1.0, "judge": "match"}
 
 
+class FakeClient:
+    """An ``openai.OpenAI`` stand-in: each call takes the next of ``replies`` (an exception is raised), or
+    the reply ``replies(messages)`` gives."""
+
+    def __init__(self, replies):
+        self.replies, self.calls = replies if callable(replies) else list(replies), []
+        self.chat = types.SimpleNamespace(completions=types.SimpleNamespace(create=self.create))
+
+    def create(self, **kwargs):
+        self.calls.append(kwargs)
+        reply = self.replies(kwargs["messages"]) if callable(self.replies) else self.replies.pop(0)
+        if isinstance(reply, Exception):
+            raise reply
+        message = types.SimpleNamespace(content=reply)
+        return types.SimpleNamespace(choices=[types.SimpleNamespace(message=message)])
+
+
+DOC = {"question_id": "v1_0", "question": "what is the man doing", "answer": "dance"}
+
+
 def test_openai_judge_with_a_fake_client(monkeypatch):
-    calls = []
-
-    def create(**kwargs):
-        calls.append(kwargs)
-        content = "{'pred': 'yes', 'score': 4}"
-        return types.SimpleNamespace(
-            choices=[types.SimpleNamespace(message=types.SimpleNamespace(content=content))]
-        )
-
-    fake = types.SimpleNamespace(chat=types.SimpleNamespace(completions=types.SimpleNamespace(create=create)))
+    fake = FakeClient(["{'pred': 'yes', 'score': 4}"])
     monkeypatch.setattr(V, "openai_client", lambda: fake)
-    rec = V.openai_score({"question": "what is the man doing", "answer": "dance"}, "he is dancing")
+    rec = get_task("msvd_qa").judged("openai").score(DOC, "he is dancing")
     assert rec["gpt_pred"] == "yes" and rec["gpt_score"] == 4.0 and rec["score"] == 1.0
-    assert rec["judge"] == "openai" and rec["judge_model"] == "gpt-3.5-turbo"
-    (call,) = calls
-    assert call["model"] == "gpt-3.5-turbo" and call["temperature"] == 0
+    assert rec["judge"] == "openai" and rec["judge_model"] == "gpt-3.5-turbo" and rec["judge_attempts"] == 1
+    (call,) = fake.calls
+    assert call["model"] == "gpt-3.5-turbo" and call["temperature"] == 0 and rec["judge_temperature"] == 0
     system, user = call["messages"]
     assert system["role"] == "system" and "evaluating the correctness" in system["content"]
     assert (
@@ -134,25 +172,82 @@ def test_openai_judge_with_a_fake_client(monkeypatch):
     )
     assert user["content"].endswith("{'pred': 'yes', 'score': 4.8}.")
 
+    # the authors' call: no temperature sent (the API's default, 1)
+    fake = FakeClient(["{'pred': 'no', 'score': 1}"])
+    monkeypatch.setattr(V, "openai_client", lambda: fake)
+    rec = get_task("msvd_qa").judged("openai_authors").score(DOC, "he sleeps")
+    assert "temperature" not in fake.calls[0] and rec["judge_temperature"] is None
+    assert rec["judge"] == "openai_authors"
+    assert (rec["gpt_pred"], rec["gpt_score"], rec["score"]) == ("no", 1.0, 0.0)
+
+
+def test_openai_judge_asks_again_then_records_unparsed(monkeypatch):
+    judge = V.GPTJudge(backoff_s=0.0)
+    fake = FakeClient(["I think yes.", "{'pred': 'yes', 'score': 3}"])  # a second call parses
+    monkeypatch.setattr(V, "openai_client", lambda: fake)
+    rec = judge(DOC, "dancing")
+    assert len(fake.calls) == 2 and rec["judge_attempts"] == 2
+    assert (rec["gpt_pred"], rec["gpt_score"], rec["score"]) == ("yes", 3.0, 1.0)
+
+    fake = FakeClient(["yes", "['yes', 5]", "{'score': 5}", "never asked"])  # three without a verdict
+    monkeypatch.setattr(V, "openai_client", lambda: fake)
+    rec = judge(DOC, "dancing")
+    assert len(fake.calls) == 3 and rec["judge_attempts"] == 3
+    assert (rec["gpt_pred"], rec["gpt_score"], rec["score"]) == (None, 5.0, None)
+    assert rec["judge_reply"] == "{'score': 5}"
+
+    # failed calls: backed off, 1 then 2 seconds, and asked again; a third failure raises, naming the question
+    waits = []
+    monkeypatch.setattr(V.time, "sleep", waits.append)
+    fake = FakeClient([ConnectionError("reset"), TimeoutError("slow"), "{'pred': 'no', 'score': 0}"])
+    monkeypatch.setattr(V, "openai_client", lambda: fake)
+    rec = V.GPTJudge(backoff_s=1.0)(DOC, "sleeping")
+    assert waits == [1.0, 2.0] and rec["judge_attempts"] == 3
+    assert (rec["gpt_pred"], rec["gpt_score"]) == ("no", 0.0)
+    fake = FakeClient([ConnectionError("down")] * 3)
+    monkeypatch.setattr(V, "openai_client", lambda: fake)
+    with pytest.raises(RuntimeError, match=r"failed 3 times on question 'v1_0': down"):
+        V.GPTJudge(backoff_s=1.0)(DOC, "sleeping")
+    assert len(fake.calls) == 3
+    with pytest.raises(ValueError, match="attempts=0 must be a positive int"):
+        V.GPTJudge(attempts=0)
+
 
 def test_judge_replies_parse_and_aggregate_by_hand():
     assert V.parse_judgement("{'pred': 'no', 'score': 1}") == ("no", 1.0)
     assert V.parse_judgement(" {'pred': 'Yes', 'score': 4.8} ") == ("yes", 4.8)
-    assert V.parse_judgement("The answer is correct.") == ("no", 0.0)  # unparseable: no, 0
-    assert V.parse_judgement("['yes', 5]") == ("no", 0.0)
+    assert V.parse_judgement("{'pred': 'yes', 'score': 'high'}") == ("yes", None)  # the verdict is kept
+    assert V.parse_judgement("{'pred': 'no', 'score': '2'}") == ("no", 2.0)
+    assert V.parse_judgement("{'pred': 'maybe', 'score': 2}") == (None, 2.0)  # neither yes nor no
+    assert V.parse_judgement("The answer is correct.") == (None, None)  # unparseable: no verdict
+    assert V.parse_judgement("['yes', 5]") == (None, None)
     recs = [
         {"judge": "openai", "gpt_pred": "yes", "gpt_score": 4.8, "score": 1.0},
         {"judge": "openai", "gpt_pred": "no", "gpt_score": 1.0, "score": 0.0},
         {"judge": "openai", "gpt_pred": "yes", "gpt_score": 3.0, "score": 1.0},
+        {"judge": "openai", "gpt_pred": "yes", "gpt_score": None, "score": 1.0},  # a score of 'high'
+        {"judge": "openai", "gpt_pred": None, "gpt_score": None, "score": None},  # never parsed
     ]
     out = V.aggregate(recs)
-    assert out["gpt_acc"] == pytest.approx(200 / 3)
+    assert out["gpt_acc"] == pytest.approx(300 / 4)  # 3 yes of 4 verdicts; the unparsed one left out
     assert out["gpt_score"] == pytest.approx((4 + 1 + 3) / 3)  # each score truncated, as Video-LLaVA does
+    assert out["gpt_unparsed"] == 1
     assert V.aggregate([{"judge": "match", "score": 1.0}, {"judge": "match", "score": 0.0}]) == {
         "match_acc": 50.0
     }
     with pytest.raises(ValueError, match="judge='gpt4' is unknown"):
         V.check_judge("gpt4")
+
+
+def test_bootstrap_follows_the_records_judge():
+    from scope.report import bootstrap_ci
+
+    matched = [{"idx": i, "judge": "match", "score": 1.0} for i in range(4)]
+    assert bootstrap_ci(matched, "msvd_qa", n_boot=20) == (100.0, 100.0)  # match_acc, not the task's gpt_acc
+    judged = [{"idx": i, "judge": "openai", "gpt_pred": "no", "gpt_score": 1, "score": 0.0} for i in range(3)]
+    assert bootstrap_ci(judged, "msvd_qa", n_boot=20) == (0.0, 0.0)  # gpt_acc
+    with pytest.raises(ValueError, match=r"several judges: \['match', 'openai'\]"):
+        bootstrap_ci(matched + judged, "msvd_qa", n_boot=20)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -221,8 +316,8 @@ def test_load_local_layouts(tmp_path):
         V.load_video_qa("activitynetqa", data_dir=str(tmp_path))
     with pytest.warns(UserWarning, match="left out 1 of 2"):
         rows = V.load_video_qa("activitynetqa", data_dir=str(tmp_path), missing="skip")
-    assert [(r["question_id"], r["answer"], r["video"]) for r in rows] == [
-        ("v_abc_0", "run", str(folder / "videos" / "v_abc.mp4"))
+    assert [(r["question_id"], r["answer"], r["video"], r["type"]) for r in rows] == [
+        ("v_abc_0", "run", str(folder / "videos" / "v_abc.mp4"), 0)  # the type is test_a.json's
     ]
 
 
@@ -271,6 +366,43 @@ def test_evaluate_tiny_video_llava_records_the_judge_and_resumes(tiny, tmp_path,
     assert rescore(tmp_path)["tasks"]["msvd_qa"]["main"] == "match_acc"
     with pytest.raises(ValueError, match="judge: 'match' there, 'openai' now"):
         evaluate(model, processor, "msvd_qa", out_dir=tmp_path, datasets=data, judge="openai", **kw)
+
+
+# the fixture's questions (answers box, right, one) and answers written for them: the first alone matches
+KNOWN_ANSWERS = {"what is moving": "A red box.", "which way does": "left", "how many boxes": "two boxes"}
+
+
+def known_answers(model, processor, prompts, images, max_new_tokens, videos=False):
+    """A stand-in for the runner's generate step: the answer written for each prompt's question."""
+    assert videos and all(len(v) == 8 for v in images)  # each question's video: its 8 sampled frames
+    preds = [next(a for q, a in KNOWN_ANSWERS.items() if q in p) for p in prompts]
+    return preds, [40] * len(prompts)
+
+
+def test_known_answers_score_by_hand(tiny, tmp_path, monkeypatch):
+    import scope.eval.runner as runner
+
+    model, processor = tiny
+    monkeypatch.setattr(runner, "generate_answers", known_answers)
+    kw = dict(batch_size=2, progress=False, datasets={"msvd_qa": fixture("msvd_qa")})
+    res = evaluate(model, processor, "msvd_qa", out_dir=tmp_path / "match", **kw)
+    entry = res["tasks"]["msvd_qa"]
+    assert entry["main"] == "match_acc" and entry["n"] == 3
+    # "A red box." holds "box"; "left" and "two boxes" hold neither "right" nor "one"
+    assert entry["value"] == pytest.approx(100 / 3)
+
+    # the GPT judge through the run: yes, no, and a reply that never parses (asked 3 times)
+    def reply(messages):
+        said = messages[1]["content"].split("Predicted Answer: ")[1]
+        return {"A": "{'pred': 'yes', 'score': 5}", "l": "{'pred': 'no', 'score': 1}"}.get(said[0], "unsure")
+
+    fake = FakeClient(reply)
+    monkeypatch.setattr(V, "openai_client", lambda: fake)
+    res = evaluate(model, processor, "msvd_qa", out_dir=tmp_path / "gpt", judge="openai", **kw)
+    entry = res["tasks"]["msvd_qa"]
+    assert entry["main"] == "gpt_acc" and entry["value"] == pytest.approx(50.0)  # 1 yes, 1 no; 1 unparsed
+    assert entry["metrics"]["gpt_unparsed"] == 1 and entry["metrics"]["gpt_score"] == pytest.approx(3.0)
+    assert len(fake.calls) == 1 + 1 + 3
 
 
 def test_video_task_on_an_image_model_is_refused(tmp_path):

@@ -58,9 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--judge",
         default="match",
-        choices=["match", "openai"],
+        choices=["match", "openai", "openai_authors"],
         help="video QA scoring: offline word match (default; not the paper's GPT judge) or the authors' "
-        "GPT-3.5 judge (needs openai and OPENAI_API_KEY)",
+        "GPT-3.5 judge (needs openai and OPENAI_API_KEY) at temperature 0 (openai) or, as the authors "
+        "call it, at the API's default temperature (openai_authors)",
     )
     p.add_argument("--limit", type=int, default=None, help="first N questions per task")
     p.add_argument("--batch-size", type=int, default=8)

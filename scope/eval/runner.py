@@ -142,8 +142,9 @@ def evaluate(
             copies tried before the hub (:mod:`scope.eval.sources`).
         task_kwargs: {task name: kwargs for its loader}, e.g. {"synthbench": {"image_size": 384}}.
         judge: how video QA answers are scored (:mod:`scope.eval.video_tasks`): "match" (offline word match,
-            metric ``match_acc``; not the paper's GPT judge) or "openai" (the authors' GPT-3.5 judge,
-            ``gpt_acc`` / ``gpt_score``). Part of the run's identity. Video tasks need a Video-LLaVA model.
+            metric ``match_acc``; not the paper's GPT judge), "openai" or "openai_authors" (the authors'
+            GPT-3.5 judge at temperature 0 or at the API's default, ``gpt_acc`` / ``gpt_score``). Part of
+            the run's identity. Video tasks need a Video-LLaVA model.
         overwrite: delete the run in out_dir (logs, results, config) and start afresh. Without it, a run
             already there resumes only if every field of :data:`IDENTITY` agrees (else ValueError).
         rank, world_size: simulate one process of a multi-process run (default: accelerate's PartialState).

@@ -100,7 +100,7 @@ class Task:
         return replace(self, **self.authors) if getattr(protocol, "authors", False) and self.authors else self
 
     def judged(self, judge: str | None) -> Task:
-        """This task scored by ``judge`` (video QA: "match" or "openai", :mod:`scope.eval.video_tasks`; None:
+        """This task scored by ``judge`` (video QA: one of :mod:`scope.eval.video_tasks`'s JUDGES; None:
         the default, "match"); tasks scored by rules alone come back unchanged."""
         return replace(self, **self.judges(judge or DEFAULT_JUDGE)) if self.judges is not None else self
 

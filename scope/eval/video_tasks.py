@@ -22,9 +22,12 @@ What runs here:
 - scoring: a named judge, part of a run's identity (``evaluate(..., judge=)``, ``--judge``). ``match``
   (default, offline): the normalised answer occurs as whole words in the normalised prediction
   (:func:`match_correct`), metric ``match_acc``; it is *not* the paper's GPT accuracy, so its numbers are
-  only comparable between our own runs (pruned vs unpruned). ``openai``: the authors' judge prompt and model
-  through the ``openai`` package (``OPENAI_API_KEY``), metrics ``gpt_acc`` (the paper's columns) and
-  ``gpt_score``.
+  only comparable between our own runs (pruned vs unpruned). ``openai`` and ``openai_authors``: the
+  authors' judge prompt and model through the ``openai`` package (``OPENAI_API_KEY``), metrics ``gpt_acc``
+  (the paper's columns), ``gpt_score`` and ``gpt_unparsed`` (:class:`GPTJudge`). ``openai`` asks at
+  temperature 0, so that a rerun judges the same answers (nearly) alike and pruned and unpruned runs differ
+  by their answers, not by the judge's sampling; ``openai_authors`` sends no temperature, as the authors'
+  script does (the API's default, 1).
 
 Data (``data_dir`` or ``$SCOPE_DATASETS_DIR``), tried in this order, the error naming every place tried:
 
@@ -46,7 +49,9 @@ from __future__ import annotations
 import ast
 import functools
 import json
+import math
 import os
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,6 +63,7 @@ from scope.eval.sources import DATASETS_DIR_ENV, load_hub_dataset
 
 FRAMES = 8  # frames per video, as Video-LLaVA samples them
 VIDEO_MODEL_TYPES = ("video_llava",)  # model_type of the checkpoints the video tasks run on
+DECODED_CACHE = 8  # videos whose decoded frames are kept (8 frames of a 720p video: about 22 MB)
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")
 # Video-LLaVA's conversation.py, conv_llava_v1 (its video QA scripts' conv_mode): "human's", not "user's"
 LLAVA_V1_SYSTEM = (
@@ -66,10 +72,14 @@ LLAVA_V1_SYSTEM = (
 )
 SHORT_ANSWER = " Answer the question using a single word or phrase."  # lmms-eval activitynetqa post_prompt
 
-MATCH, OPENAI = "match", "openai"
-JUDGES = (MATCH, OPENAI)
+MATCH, OPENAI, OPENAI_AUTHORS = "match", "openai", "openai_authors"
+GPT_JUDGES = (OPENAI, OPENAI_AUTHORS)
+JUDGES = (MATCH, *GPT_JUDGES)
 DEFAULT_JUDGE = MATCH
 JUDGE_MODEL = "gpt-3.5-turbo"  # Video-LLaVA's eval_video_qa.py
+# the GPT judges' sampling temperature; None: not sent (the API's default, 1), as Video-LLaVA's script calls it
+JUDGE_TEMPERATURE = {OPENAI: 0.0, OPENAI_AUTHORS: None}
+JUDGE_ATTEMPTS = 3  # calls per answer before it is recorded unparsed (the authors retry without limit)
 # the authors' judge prompt (Video-LLaVA eval_video_qa.py; lmms-eval's activitynetqa uses the same words)
 JUDGE_SYSTEM = (
     "You are an intelligent chatbot designed for evaluating the correctness of generative outputs for "
@@ -149,12 +159,24 @@ def _av():
 def decode_frames(path: str | Path, n_frames: int = FRAMES) -> list:
     """``n_frames`` RGB PIL frames of the video at ``path`` (:func:`frame_indices` of its frame count), decoded
     with PyAV. The frame count is the container's when it states one, else the packets counted; a count
-    that overstates what decodes is corrected by a second pass over the frames actually there."""
-    av = _av()
+    that overstates what decodes is corrected by a second pass over the frames actually there.
+
+    The last few videos' frames are kept (:data:`DECODED_CACHE` videos, keyed by path, size and modification
+    time): a video's questions are consecutive in the benchmarks' files, so a run decodes each video once,
+    not once per question."""
+    _av()  # without PyAV, say how to install it before anything else
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no video file {path}")
-    with av.open(str(path)) as container:
+    stat = path.stat()
+    return list(_decoded(str(path.resolve()), stat.st_size, stat.st_mtime_ns, n_frames))
+
+
+@functools.lru_cache(maxsize=DECODED_CACHE)
+def _decoded(path: str, size: int, mtime_ns: int, n_frames: int) -> tuple:
+    """:func:`decode_frames` of one version of one file (``size`` and ``mtime_ns`` name the version)."""
+    av = _av()
+    with av.open(path) as container:
         stream = container.streams.video[0]
         total = stream.frames or sum(1 for p in container.demux(stream) if p.size)
     frames, seen = _decode_at(av, path, frame_indices(max(total, 1), n_frames))
@@ -162,14 +184,14 @@ def decode_frames(path: str | Path, n_frames: int = FRAMES) -> list:
         frames, _ = _decode_at(av, path, frame_indices(seen, n_frames)) if seen else ([], 0)
     if len(frames) < n_frames:
         raise ValueError(f"could not decode {n_frames} frames of {path} (it has {seen})")
-    return frames
+    return tuple(frames)
 
 
-def _decode_at(av, path: Path, wanted: Sequence[int]) -> tuple[list, int]:
+def _decode_at(av, path: str, wanted: Sequence[int]) -> tuple[list, int]:
     """(the frames at the indices ``wanted``, repeats kept, in order; frames decoded), decoding sequentially
     and stopping after the last index wanted."""
     out, last, seen = [], max(wanted), 0
-    with av.open(str(path)) as container:
+    with av.open(path) as container:
         for i, frame in enumerate(container.decode(video=0)):
             seen = i + 1
             if i in wanted:
@@ -289,16 +311,26 @@ def judge_messages(question: str, answer: str, prediction: str) -> list[dict[str
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
 
-def parse_judgement(reply: str) -> tuple[str, float]:
-    """("yes" or "no", score) of a judge's reply, a Python dict string such as ``{'pred': 'yes', 'score': 4}``.
-    A reply that does not parse counts as ("no", 0.0), as lmms-eval counts it; "yes" anywhere in ``pred``
-    counts as yes (Video-LLaVA's rule)."""
+def parse_judgement(reply: str) -> tuple[str | None, float | None]:
+    """(verdict, score) of a judge's reply, a Python dict string such as ``{'pred': 'yes', 'score': 4}``.
+
+    The verdict is "yes" when ``pred`` contains "yes", else "no" when it contains "no" (Video-LLaVA's rule),
+    else None, as it is for a reply that is not a dict: no verdict, which :class:`GPTJudge` asks again for. The
+    score is ``score`` as a float, or None when it is missing or not a finite number; a verdict is kept
+    whatever its score (``{'pred': 'yes', 'score': 'high'}`` is ("yes", None))."""
     try:
         parsed = ast.literal_eval(reply.strip())
-        verdict, score = str(parsed.get("pred", "no")).lower(), float(parsed.get("score", 0))
-    except (ValueError, SyntaxError, TypeError, AttributeError, MemoryError, RecursionError):
-        return "no", 0.0
-    return ("yes" if "yes" in verdict else "no"), score
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None, None
+    if not isinstance(parsed, dict):
+        return None, None
+    pred = str(parsed.get("pred", "")).lower()
+    verdict = "yes" if "yes" in pred else "no" if "no" in pred else None
+    try:
+        score = float(parsed.get("score"))
+    except (TypeError, ValueError):
+        score = None
+    return verdict, score if score is not None and math.isfinite(score) else None
 
 
 @functools.lru_cache(maxsize=1)
@@ -312,40 +344,93 @@ def openai_client() -> Any:
     return openai.OpenAI()
 
 
-def openai_score(doc: dict, prediction: str) -> dict:
-    """The authors' GPT judge on one answer (temperature 0); the reply is logged with its verdict."""
-    messages = judge_messages(str(doc["question"]), str(doc["answer"]), prediction)
-    reply = openai_client().chat.completions.create(model=JUDGE_MODEL, messages=messages, temperature=0)
-    text = reply.choices[0].message.content or ""
-    verdict, score = parse_judgement(text)
-    return {
-        "score": float(verdict == "yes"),
-        "judge": OPENAI,
-        "judge_model": JUDGE_MODEL,
-        "judge_reply": text,
-        "gpt_pred": verdict,
-        "gpt_score": score,
-    }
+@dataclass(frozen=True)
+class GPTJudge:
+    """The authors' GPT judge on one answer (``judge(doc, prediction)`` -> the record's judge fields).
+
+    Each answer is asked up to ``attempts`` times: again at once while the reply gives no verdict
+    (:func:`parse_judgement`), after ``backoff_s`` x 1, 2, 4... seconds when the call fails (network, rate
+    limit, server). A call that still fails raises (the batch fails; a resumed run asks again); a reply
+    that still gives no verdict is recorded with ``gpt_pred`` None, left out of ``gpt_acc`` and counted in
+    ``gpt_unparsed``. ``temperature`` None sends none (the API's default), as the authors' script does."""
+
+    name: str = OPENAI
+    temperature: float | None = JUDGE_TEMPERATURE[OPENAI]
+    model: str = JUDGE_MODEL
+    attempts: int = JUDGE_ATTEMPTS
+    backoff_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
+            raise ValueError(f"attempts={self.attempts!r} must be a positive int")
+
+    def __call__(self, doc: dict, prediction: str) -> dict:
+        messages = judge_messages(str(doc["question"]), str(doc["answer"]), prediction)
+        options = {} if self.temperature is None else {"temperature": self.temperature}
+        text, verdict, score, attempt = "", None, None, 0
+        while verdict is None and attempt < self.attempts:
+            attempt += 1
+            try:
+                reply = openai_client().chat.completions.create(
+                    model=self.model, messages=messages, **options
+                )
+            except Exception as err:  # any failure of the call (network, rate limit, server): retried
+                if attempt == self.attempts:
+                    raise RuntimeError(
+                        f"the GPT judge failed {attempt} times on question {doc.get('question_id')!r}: {err}"
+                    ) from err
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                continue
+            text = reply.choices[0].message.content or ""
+            verdict, score = parse_judgement(text)
+        return {
+            "score": None if verdict is None else float(verdict == "yes"),
+            "judge": self.name,
+            "judge_model": self.model,
+            "judge_temperature": self.temperature,
+            "judge_reply": text,
+            "judge_attempts": attempt,
+            "gpt_pred": verdict,
+            "gpt_score": score,
+        }
 
 
 def aggregate(records: list[dict]) -> dict[str, float]:
-    """``match_acc`` (% matched) of records scored by the match judge; ``gpt_acc`` (% judged "yes") and
-    ``gpt_score`` (mean score, each truncated to an int as Video-LLaVA's script does) of the GPT-judged."""
+    """``match_acc`` (% matched) of records scored by the match judge; of the GPT-judged, as Video-LLaVA's
+    script counts them: ``gpt_acc`` = 100 yes / (yes + no), ``gpt_score`` = mean score, each truncated to an
+    int, and ``gpt_unparsed``, the records without a verdict (left out of ``gpt_acc``; those without a
+    score are left out of ``gpt_score``)."""
     out: dict[str, float] = {}
     matched = [r for r in records if r.get("judge", MATCH) == MATCH]
-    judged = [r for r in records if r.get("judge") == OPENAI]
+    judged = [r for r in records if r.get("judge") in GPT_JUDGES]
     if matched:
         out["match_acc"] = 100.0 * sum(r["score"] for r in matched) / len(matched)
     if judged:
-        out["gpt_acc"] = 100.0 * sum(r["gpt_pred"] == "yes" for r in judged) / len(judged)
-        out["gpt_score"] = sum(int(r["gpt_score"]) for r in judged) / len(judged)
+        verdicts = [r.get("gpt_pred") for r in judged]
+        yes, no = verdicts.count("yes"), verdicts.count("no")
+        scores = [int(r["gpt_score"]) for r in judged if r.get("gpt_score") is not None]
+        if yes + no:
+            out["gpt_acc"] = 100.0 * yes / (yes + no)
+        if scores:
+            out["gpt_score"] = sum(scores) / len(scores)
+        out["gpt_unparsed"] = len(judged) - yes - no
     return out
+
+
+def records_judge(records: Sequence[dict]) -> str | None:
+    """The judge that scored ``records`` (their ``judge`` field), or None when they name none (rule-scored
+    tasks; video runs logged before judges were recorded, which count as :data:`DEFAULT_JUDGE`). Records
+    naming several judges are a ValueError naming them."""
+    judges = {r.get("judge") for r in records} - {None}
+    if len(judges) > 1:
+        raise ValueError(f"the records were scored by several judges: {sorted(judges)}")
+    return next(iter(judges), None)
 
 
 def judge_fields(judge: str) -> dict[str, Any]:
     """The Task fields ``judge`` sets: the per-answer scorer and the headline metric."""
-    if check_judge(judge) == OPENAI:
-        return {"score": openai_score, "main": "gpt_acc"}
+    if check_judge(judge) in GPT_JUDGES:
+        return {"score": GPTJudge(judge, JUDGE_TEMPERATURE[judge]), "main": "gpt_acc"}
     return {"score": match_score, "main": "match_acc"}
 
 
@@ -380,15 +465,17 @@ def _from_video_llava(folder: Path, spec: VideoQA) -> list[dict]:
             f"{folder}: {len(questions)} questions in test_q.json, {len(answers)} answers in test_a.json"
         )
     dirs = [folder / d for d in spec.video_dirs]
-    return [_row(q, a["answer"], dirs, spec.prefix) for q, a in zip(questions, answers)]
+    return [_row(q, a, dirs, spec.prefix) for q, a in zip(questions, answers)]
 
 
-def _row(q: dict, answer: Any, dirs: Sequence[Path], prefix: str) -> dict:
+def _row(q: dict, a: dict, dirs: Sequence[Path], prefix: str) -> dict:
+    """One row from a question record ``q`` and its answer record ``a`` (Video-ChatGPT's files keep the
+    question type with the answer, in test_a.json; the hub's rows hold both)."""
     name = str(q["video_name"])
     found = [d / f"{prefix}{name}{ext}" for d in dirs for ext in VIDEO_EXTENSIONS]
     video = next((p for p in found if p.exists()), None)
-    row = {"question_id": str(q["question_id"]), "question": q["question"], "answer": str(answer)}
-    return {**row, "video_name": name, "video": None if video is None else str(video), "type": q.get("type")}
+    row = {"question_id": str(q["question_id"]), "question": q["question"], "answer": str(a["answer"])}
+    return {**row, "video_name": name, "video": None if video is None else str(video), "type": a.get("type")}
 
 
 def _from_hub(spec: VideoQA, root: Path | None, data_dir: str | None) -> list[dict]:
@@ -396,7 +483,7 @@ def _from_hub(spec: VideoQA, root: Path | None, data_dir: str | None) -> list[di
     dirs = [root / spec.hub[0].split("/")[-1] / "videos"] if root else []
     if os.environ.get("HF_HOME"):
         dirs.append(Path(os.environ["HF_HOME"]) / "activitynetqa" / "all_test")
-    return [_row(dict(q), q["answer"], dirs, spec.prefix) for q in ds]
+    return [_row(dict(q), dict(q), dirs, spec.prefix) for q in ds]
 
 
 def load_video_qa(
