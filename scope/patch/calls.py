@@ -7,12 +7,14 @@ prompt in front of the new tokens. :mod:`scope.patch.llava` (and so LLaVA-NeXT) 
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["bind_call", "shift_lengths", "restore_prompt"]
+__all__ = ["bind_call", "shift_lengths", "restore_prompt", "wrap_calls"]
 
 
 def bind_call(fn, args, kwargs) -> dict[str, Any]:
@@ -44,3 +46,46 @@ def restore_prompt(out, prompt: torch.Tensor, collapsed_len: int):
         return full
     out.sequences = full
     return out
+
+
+def wrap_calls(
+    model,
+    state,
+    prepare: Callable[..., dict],
+    has_pixels: Callable[[dict], bool],
+    before_forward: Callable[[Any], None],
+) -> None:
+    """Wrap ``model.forward`` and ``model.generate`` on the instance (the class stays untouched): a call
+    that ``has_pixels`` goes through ``prepare(model, state, call, for_generate)``, which rewrites its
+    arguments (pruned visual tokens, shortened ids and mask); ``generate`` keeps the caller's length limits
+    and prompt. ``before_forward(model)`` runs first on every forward (e.g. to refuse a trainable tower). The
+    replaced instance attributes are kept in ``state.saved`` for the uninstall."""
+    for name in ("forward", "generate"):
+        state.saved[name] = model.__dict__.get(name)  # an existing instance override (e.g. accelerate)
+    orig_forward, orig_generate = model.forward, model.generate
+
+    @functools.wraps(orig_forward)
+    def forward(*args, **kwargs):
+        before_forward(model)
+        call = bind_call(orig_forward, args, kwargs)
+        if not has_pixels(call):
+            return orig_forward(**call)
+        return orig_forward(**prepare(model, state, call, for_generate=False))
+
+    @functools.wraps(orig_generate)
+    def generate(inputs=None, generation_config=None, **kwargs):
+        if not has_pixels(kwargs):
+            return orig_generate(inputs, generation_config=generation_config, **kwargs)
+        if inputs is not None:
+            kwargs["input_ids"] = inputs
+        prompt = kwargs["input_ids"]
+        call = prepare(model, state, kwargs, for_generate=True)
+        if call.get("attention_mask") is None:
+            call.pop("attention_mask")
+        shrink = prompt.shape[1] - call["input_ids"].shape[1]
+        shift_lengths(call, generation_config or model.generation_config, shrink)
+        out = orig_generate(generation_config=generation_config, **call)
+        return restore_prompt(out, prompt, call["input_ids"].shape[1])
+
+    model.forward = forward
+    model.generate = generate

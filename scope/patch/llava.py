@@ -39,7 +39,7 @@ from scope.methods import NONE, get_method
 from scope.select import Pruned, prune
 
 from .cache import cached_vision_features
-from .calls import bind_call, restore_prompt, shift_lengths
+from .calls import wrap_calls
 from .state import PatchState, left_pack
 
 __all__ = ["vision_features", "pixel_ids", "select_rows", "collapse_placeholders", "install", "uninstall"]
@@ -334,35 +334,7 @@ def install(model, state: PatchState, encode=pruned_image_features, prepare=None
     """
     if prepare is None:
         prepare = functools.partial(_prepare, encode=encode)
-    for name in ("forward", "generate"):
-        state.saved[name] = model.__dict__.get(name)  # an existing instance override (e.g. accelerate)
-    orig_forward, orig_generate = model.forward, model.generate
-
-    @functools.wraps(orig_forward)
-    def forward(*args, **kwargs):
-        _refuse_tower_training(model)
-        call = bind_call(orig_forward, args, kwargs)
-        if not _has_pixels(call):
-            return orig_forward(**call)
-        return orig_forward(**prepare(model, state, call, for_generate=False))
-
-    @functools.wraps(orig_generate)
-    def generate(inputs=None, generation_config=None, **kwargs):
-        if not _has_pixels(kwargs):
-            return orig_generate(inputs, generation_config=generation_config, **kwargs)
-        if inputs is not None:
-            kwargs["input_ids"] = inputs
-        prompt = kwargs["input_ids"]
-        call = prepare(model, state, kwargs, for_generate=True)
-        if call.get("attention_mask") is None:
-            call.pop("attention_mask")
-        shrink = prompt.shape[1] - call["input_ids"].shape[1]
-        shift_lengths(call, generation_config or model.generation_config, shrink)
-        out = orig_generate(generation_config=generation_config, **call)
-        return restore_prompt(out, prompt, call["input_ids"].shape[1])
-
-    model.forward = forward
-    model.generate = generate
+    wrap_calls(model, state, prepare, _has_pixels, _refuse_tower_training)
 
 
 def uninstall(model, state: PatchState) -> None:

@@ -55,7 +55,6 @@ Not supported (clear errors): videos, in-LLM methods (FastV / PDrop), ``inputs_e
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -63,7 +62,7 @@ import torch
 
 from scope.methods import NONE, get_method
 
-from .calls import bind_call, restore_prompt, shift_lengths
+from .calls import wrap_calls
 from .llava import select_rows, uninstall  # uninstall: the same instance attributes to restore
 from .state import PatchState, left_pack
 
@@ -366,37 +365,11 @@ def _refuse_tower_training(model) -> None:
         )
 
 
+def _has_image_pixels(call: dict) -> bool:
+    pv = call.get("pixel_values")  # images only: a video call runs unpruned
+    return pv is not None and pv.numel() > 0
+
+
 def install(model, state: PatchState) -> None:
     """Wrap ``model.forward`` and ``model.generate`` on the instance (the class stays untouched)."""
-    for name in ("forward", "generate"):
-        state.saved[name] = model.__dict__.get(name)
-    orig_forward, orig_generate = model.forward, model.generate
-
-    @functools.wraps(orig_forward)
-    def forward(*args, **kwargs):
-        _refuse_tower_training(model)
-        call = bind_call(orig_forward, args, kwargs)
-        pv = call.get("pixel_values")
-        if pv is None or pv.numel() == 0:
-            return orig_forward(**call)
-        return orig_forward(**_prepare(model, state, call, for_generate=False))
-
-    @functools.wraps(orig_generate)
-    def generate(inputs=None, generation_config=None, **kwargs):
-        pv = kwargs.get("pixel_values")
-        if pv is None or pv.numel() == 0:
-            return orig_generate(inputs, generation_config=generation_config, **kwargs)
-        if inputs is not None:
-            kwargs["input_ids"] = inputs
-        prompt = kwargs["input_ids"]
-        call = _prepare(model, state, kwargs, for_generate=True)
-        if call.get("attention_mask") is None:
-            call.pop("attention_mask")
-        shift_lengths(
-            call, generation_config or model.generation_config, prompt.shape[1] - call["input_ids"].shape[1]
-        )
-        out = orig_generate(generation_config=generation_config, **call)
-        return restore_prompt(out, prompt, call["input_ids"].shape[1])
-
-    model.forward = forward
-    model.generate = generate
+    wrap_calls(model, state, _prepare, _has_image_pixels, _refuse_tower_training)
