@@ -95,6 +95,19 @@ def _as_index_array(kept, n_cells: int) -> np.ndarray:
     return kept
 
 
+def _image_under_values(ax: plt.Axes, image, values, grid) -> tuple[np.ndarray, tuple[int, int]]:
+    """Draw ``image`` on ``ax`` and return ``values`` as a (rows, cols) grid to lay over it, with the
+    image's (H, W); a value count that does not fill the grid is refused."""
+    rows, cols = _as_grid(grid)
+    values = np.asarray(values.cpu() if hasattr(values, "cpu") else values, dtype=np.float64).reshape(-1)
+    if values.size != rows * cols:
+        raise ValueError(f"values has {values.size} entries, grid {rows}x{cols} needs {rows * cols}")
+    arr = _as_image_array(image)
+    h, w = arr.shape[:2]
+    ax.imshow(arr, extent=(0, w, h, 0))
+    return values.reshape(rows, cols), (h, w)
+
+
 def _as_image_array(image) -> np.ndarray:
     """PIL image / HxW(x3) array / CxHxW tensor -> float HxWx3 array in [0, 1]."""
     if hasattr(image, "convert"):  # PIL
@@ -197,15 +210,9 @@ def draw_token_map(
     from matplotlib.colors import PowerNorm
 
     ax = ax or plt.gca()
-    rows, cols = _as_grid(grid)
-    values = np.asarray(values.cpu() if hasattr(values, "cpu") else values, dtype=np.float64).reshape(-1)
-    if values.size != rows * cols:
-        raise ValueError(f"values has {values.size} entries, grid {rows}x{cols} needs {rows * cols}")
-    arr = _as_image_array(image)
-    h, w = arr.shape[:2]
-    ax.imshow(arr, extent=(0, w, h, 0))
+    values, (h, w) = _image_under_values(ax, image, values, grid)
     norm = PowerNorm(gamma, vmin=0.0, vmax=float(values.max())) if gamma != 1.0 else None
-    im = ax.imshow(values.reshape(rows, cols), extent=(0, w, h, 0), cmap=cmap, alpha=alpha, norm=norm)
+    im = ax.imshow(values, extent=(0, w, h, 0), cmap=cmap, alpha=alpha, norm=norm)
     cbar = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
     if label:
         cbar.set_label(label)
@@ -494,16 +501,8 @@ def mark_tokens(ax: plt.Axes, tokens, grid, shape: tuple[int, int], **style) -> 
 def draw_value_overlay(ax: plt.Axes, image, values, grid, cmap: str = "magma", vmin=0.0, vmax=1.0, alpha=0.8):
     """One value per token over ``image`` on a fixed colour scale and without a colour bar (for small
     multiples that share one). Returns the value layer (for a shared colour bar) and the image's (H, W)."""
-    rows, cols = _as_grid(grid)
-    values = np.asarray(values.cpu() if hasattr(values, "cpu") else values, dtype=np.float64).reshape(-1)
-    if values.size != rows * cols:
-        raise ValueError(f"values has {values.size} entries, grid {rows}x{cols} needs {rows * cols}")
-    arr = _as_image_array(image)
-    h, w = arr.shape[:2]
-    ax.imshow(arr, extent=(0, w, h, 0))
-    layer = ax.imshow(
-        values.reshape(rows, cols), extent=(0, w, h, 0), cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha
-    )
+    values, (h, w) = _image_under_values(ax, image, values, grid)
+    layer = ax.imshow(values, extent=(0, w, h, 0), cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha)
     _bare_axes(ax)
     return layer, (h, w)
 
