@@ -45,6 +45,8 @@ __all__ = [
     "DEFAULT_METHODS",
     "PROMPT_TOKENS",
     "load_config",
+    "gflops_fields",
+    "kv_cache_mb",
     "meta_model",
     "count_flops",
     "family",
@@ -335,12 +337,6 @@ def prefill_flops(
         sel = 0
     vis = vision_flops(model, crops)
     proj = projector_flops(model, n_visual if on_projected else entering)
-    total = vis + sal + sel + proj + llm
-    t = config.text_config
-    d_kv = (getattr(t, "num_key_value_heads", None) or t.num_attention_heads) * (
-        t.hidden_size // t.num_attention_heads
-    )
-    kv_bytes = sum(2 * (prompt_tokens + n) * d_kv * 2 for n in schedule)  # K and V, fp16
     return {
         "model": getattr(config, "_name_or_path", "") or "",
         "method": record.name,
@@ -349,15 +345,35 @@ def prefill_flops(
         "visual_in": entering,
         "visual_avg": sum(schedule) / n_layers,
         "per_layer": schedule,
-        "vision_gflops": vis / 1e9,
-        "saliency_gflops": sal / 1e9,
-        "select_gflops": sel / 1e9,
-        "projector_gflops": proj / 1e9,
-        "llm_gflops": llm / 1e9,
-        "total_gflops": total / 1e9,
-        "select_share": (sal + sel) / total,
-        "kv_cache_mb": kv_bytes / 2**20,
+        **gflops_fields(vis, sal, sel, llm, projector=proj),
+        "kv_cache_mb": kv_cache_mb(config.text_config, [prompt_tokens + n for n in schedule]),
     }
+
+
+def gflops_fields(
+    vision: float, saliency: float, select: float, llm: float, projector: float | None = None
+) -> dict:
+    """The FLOP columns of a prefill row, in GFLOPs: each part (``projector`` left out when None: a tower
+    that merges its own tokens), their total, and the selection's share of it (saliency included)."""
+    parts = {"vision": vision, "saliency": saliency, "select": select}
+    if projector is not None:
+        parts["projector"] = projector
+    parts["llm"] = llm
+    total = sum(parts.values())
+    return {
+        **{f"{k}_gflops": v / 1e9 for k, v in parts.items()},
+        "total_gflops": total / 1e9,
+        "select_share": (saliency + select) / total,
+    }
+
+
+def kv_cache_mb(text_config, tokens_per_layer: Sequence[int]) -> float:
+    """The KV cache a prefill leaves for decoding, in MiB at 16 bits: K and V of every layer's tokens."""
+    t = text_config
+    d_kv = (getattr(t, "num_key_value_heads", None) or t.num_attention_heads) * (
+        t.hidden_size // t.num_attention_heads
+    )
+    return sum(2 * n * d_kv * 2 for n in tokens_per_layer) / 2**20
 
 
 def flops_table(

@@ -23,7 +23,15 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
-from scope.efficiency import count_flops, llm_flops, load_config, meta_model, selection_flops
+from scope.efficiency import (
+    count_flops,
+    gflops_fields,
+    kv_cache_mb,
+    llm_flops,
+    load_config,
+    meta_model,
+    selection_flops,
+)
 from scope.methods import NONE, PRE_LLM, UNPRUNED, get_method
 
 __all__ = [
@@ -135,8 +143,6 @@ def qwen_prefill_flops(
     llm = llm_flops(model, [prompt_tokens + kept] * t.num_hidden_layers)
     sal = attention if record.needs_saliency() else 0
     sel = selection_flops(record.name, kept, 1, n, t.hidden_size)["total"] if record.stage == PRE_LLM else 0
-    total = vision + sal + sel + llm
-    d_kv = t.num_key_value_heads * (t.hidden_size // t.num_attention_heads)
     return {
         "model": getattr(config, "_name_or_path", "") or "",
         "method": record.name,
@@ -145,13 +151,8 @@ def qwen_prefill_flops(
         "visual_in": n,
         "visual_kept": kept,
         "prompt_tokens": prompt_tokens,
-        "vision_gflops": vision / 1e9,
-        "saliency_gflops": sal / 1e9,
-        "select_gflops": sel / 1e9,
-        "llm_gflops": llm / 1e9,
-        "total_gflops": total / 1e9,
-        "select_share": (sal + sel) / total,
-        "kv_cache_mb": t.num_hidden_layers * 2 * (prompt_tokens + kept) * d_kv * 2 / 2**20,  # K and V, 16-bit
+        **gflops_fields(vision, sal, sel, llm),  # the merger is counted with the tower
+        "kv_cache_mb": kv_cache_mb(t, [prompt_tokens + kept] * t.num_hidden_layers),
     }
 
 

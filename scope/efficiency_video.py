@@ -16,7 +16,16 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
-from scope.efficiency import count_flops, llm_flops, load_config, meta_model, projector_flops, selection_flops
+from scope.efficiency import (
+    count_flops,
+    gflops_fields,
+    kv_cache_mb,
+    llm_flops,
+    load_config,
+    meta_model,
+    projector_flops,
+    selection_flops,
+)
 from scope.methods import NONE, PRE_LLM, UNPRUNED, get_method
 
 __all__ = [
@@ -91,8 +100,6 @@ def video_prefill_flops(
         d = config.vision_config.hidden_size
         sel = selection_flops(record.name, frames * (k - 1), frames, tokens["patches_per_frame"], d)["total"]
     proj = projector_flops(model, kept)
-    total = tower + sal + sel + proj + llm
-    d_kv = t.num_key_value_heads * (t.hidden_size // t.num_attention_heads)
     return {
         "model": getattr(config, "_name_or_path", "") or "",
         "method": record.name,
@@ -101,14 +108,8 @@ def video_prefill_flops(
         "visual_in": tokens["unpruned"],
         "visual_kept": kept,
         "prompt_tokens": prompt_tokens,
-        "vision_gflops": tower / 1e9,
-        "saliency_gflops": sal / 1e9,
-        "select_gflops": sel / 1e9,
-        "projector_gflops": proj / 1e9,
-        "llm_gflops": llm / 1e9,
-        "total_gflops": total / 1e9,
-        "select_share": (sal + sel) / total,
-        "kv_cache_mb": t.num_hidden_layers * 2 * (prompt_tokens + kept) * d_kv * 2 / 2**20,  # K and V, 16-bit
+        **gflops_fields(tower, sal, sel, llm, projector=proj),
+        "kv_cache_mb": kv_cache_mb(t, [prompt_tokens + kept] * t.num_hidden_layers),
     }
 
 
