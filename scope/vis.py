@@ -619,12 +619,13 @@ def plot_selection_contrast(
 
 
 def plot_coverage_per_image(
-    data: pd.DataFrame, ax: plt.Axes | None = None, title: str | None = None
+    data: pd.DataFrame, ax: plt.Axes | None = None, title: str | None = None, seed: int = 0
 ) -> plt.Axes:
     """One dot per image and method: the distribution behind a mean theta-coverage (one theta).
 
     ``data`` has columns ``method`` and ``coverage`` (a fraction in [0, 1]), one row per image; each method's
-    mean is drawn as a black bar across its dots.
+    mean is drawn as a black bar across its dots. The dots' sideways jitter is drawn with ``seed``, so a rerun
+    draws the same figure.
     """
     check_columns(data, ["method", "coverage"])
     ax = ax or plt.gca()
@@ -632,10 +633,15 @@ def plot_coverage_per_image(
     colors = method_colors(order)
     df = data.assign(pct=100.0 * data["coverage"], label=data["method"].map(method_label))
     labels = [method_label(m) for m in order]
-    sns.stripplot(
-        data=df, x="label", y="pct", hue="label", order=labels, hue_order=labels, legend=False, jitter=0.3,
-        palette={method_label(m): colors[m] for m in order}, size=4, alpha=0.7, ax=ax,
-    )  # fmt: skip
+    outside = np.random.get_state()  # seaborn jitters with numpy's global generator: seed it, then restore
+    np.random.seed(seed)
+    try:
+        sns.stripplot(
+            data=df, x="label", y="pct", hue="label", order=labels, hue_order=labels, legend=False, jitter=0.3,
+            palette={method_label(m): colors[m] for m in order}, size=4, alpha=0.7, ax=ax,
+        )  # fmt: skip
+    finally:
+        np.random.set_state(outside)
     means = df.groupby("label")["pct"].mean().reindex(labels)
     ax.scatter(range(len(labels)), means, marker="_", s=900, color="black", lw=2, zorder=5, label="mean")
     ax.set_xlabel("")

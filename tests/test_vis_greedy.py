@@ -120,3 +120,18 @@ def test_coverage_per_image_has_a_dot_per_image_and_the_mean_as_a_bar():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["SCOPE", "Saliency-only"]
     with pytest.raises(ValueError, match="coverage"):
         vis.plot_coverage_per_image(data.drop(columns="coverage"))
+
+
+def test_coverage_per_image_jitter_is_seeded_and_leaves_numpys_generator_alone():
+    data = pd.DataFrame({"method": ["scope"] * 5 + ["random"] * 5, "coverage": np.linspace(0, 1, 10)})
+    np.random.seed(123)
+    expected_next = np.random.random()
+    np.random.seed(123)
+    first = _offsets(vis.plot_coverage_per_image(data, ax=plt.figure().gca()))
+    assert np.random.random() == expected_next  # the caller's global stream is untouched
+    again = _offsets(vis.plot_coverage_per_image(data, ax=plt.figure().gca()))
+    other = _offsets(vis.plot_coverage_per_image(data, ax=plt.figure().gca(), seed=1))
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(first[0][:, 0], other[0][:, 0])
+    plt.close("all")
